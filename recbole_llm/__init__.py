@@ -1,0 +1,35 @@
+"""recbole_llm: LLM-based sequential recommenders (Laser, SeRALM) as a RecBole plugin.
+
+Importing the package registers every plugin model under ``recbole.model.sequential_recommender.<name>``
+and every plugin trainer on ``recbole.trainer``, so RecBole's own ``get_model``, ``get_trainer``,
+``run_recbole``, ``objective_function`` and ``load_data_and_model`` find them.
+"""
+
+__version__ = "0.1.0"
+
+
+def _register():
+    import importlib
+    import sys
+
+    import recbole.trainer
+
+    from recbole_llm.checkpoint import register_safe_globals
+    from recbole_llm.registry import PLUGIN_MODELS, PLUGIN_TRAINERS
+
+    register_safe_globals()
+    for name, module_path in PLUGIN_MODELS.items():
+        module = importlib.import_module(module_path)
+        # RecBole looks models up as recbole.model.<family>.<name.lower()> and reads the attribute <name>.
+        sys.modules.setdefault(f"recbole.model.sequential_recommender.{name.lower()}", module)
+    for name, (module_path, cls) in PLUGIN_TRAINERS.items():
+        # RecBole's get_trainer reads recbole.trainer.<Model>Trainer.
+        setattr(recbole.trainer, f"{name}Trainer", getattr(importlib.import_module(module_path), cls))
+
+
+_register()
+
+from recbole_llm.config import Config  # noqa: E402
+from recbole_llm.utils import get_model, get_trainer  # noqa: E402
+
+__all__ = ["Config", "get_model", "get_trainer", "__version__"]

@@ -1,0 +1,66 @@
+"""Checkpoints that load with ``torch.load(weights_only=True)``.
+
+RecBole pickles its Config into every checkpoint and saves with ``pickle_protocol=4``; torch>=2.6 refuses
+both by default. The plugin (a) allow-lists the few RecBole/numpy classes a checkpoint holds, and (b) saves
+with torch's default protocol, atomically (temp file + rename) so a crash never leaves half a file.
+Unpickling arbitrary code is available only through ``trust_pickled_code=True``.
+"""
+
+import os
+import tempfile
+
+import numpy as np
+import torch
+
+
+def safe_globals():
+    """Classes a plugin checkpoint may contain besides tensors and builtins."""
+    from recbole.config import Config as RecBoleConfig
+    from recbole.utils.enum_type import EvaluatorType, FeatureSource, FeatureType, InputType, ModelType
+
+    from recbole_llm.config import Config
+
+    dtype_classes = [type(np.dtype(t)) for t in (np.float16, np.float32, np.float64, np.int8, np.int16,
+                                                  np.int32, np.int64, np.uint8, np.bool_)]
+    try:
+        from numpy.core.multiarray import scalar
+    except ImportError:  # numpy 2
+        from numpy._core.multiarray import scalar
+    return [Config, RecBoleConfig, ModelType, InputType, EvaluatorType, FeatureType, FeatureSource,
+            np.dtype, scalar, *dtype_classes]
+
+
+def register_safe_globals():
+    torch.serialization.add_safe_globals(safe_globals())
+
+
+def atomic_torch_save(obj, path):
+    """``torch.save`` to a temp file in the same directory, then rename over ``path``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=directory)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path, map_location=None, trust_pickled_code=False):
+    """Load a checkpoint safely. ``trust_pickled_code=True`` runs whatever code the file's pickle holds:
+    use it only for files you made yourself with an older RecBole."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Checkpoint '{path}' does not exist.")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=not trust_pickled_code)
+    except Exception as err:  # torch raises UnpicklingError/RuntimeError with a long hint
+        if trust_pickled_code:
+            raise
+        raise RuntimeError(
+            f"Checkpoint '{path}' holds objects that cannot be loaded safely ({str(err).splitlines()[0]}). "
+            "If you made this file yourself (e.g. with plain RecBole), load it with "
+            "trust_pickled_code=True (config key `trust_pickled_checkpoint: True`), which runs code from the file."
+        ) from None

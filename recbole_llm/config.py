@@ -1,0 +1,86 @@
+"""RecBole ``Config`` that also knows the plugin's models.
+
+Differences from ``recbole.config.Config``:
+- merges ``recbole_llm/properties/model/<Model>.yaml`` (the plugin's defaults) into the internal config;
+- supplies the numpy aliases RecBole still uses (``np.float`` ...) in a way that also works on numpy 2;
+- parses ``--key=value`` from ``sys.argv`` only when asked or when the process is a plain script, so
+  pytest or Ray worker flags never end up in a config;
+- pickles without the two attributes that hold classes, so checkpoints load with ``weights_only=True``.
+"""
+
+import os
+import sys
+
+import numpy as np
+from recbole.config import Config as RecBoleConfig
+
+PLUGIN_MODEL_YAML_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "properties", "model")
+
+
+def plugin_model_yaml(model_name):
+    """Path of the plugin's default YAML for ``model_name`` (None when the plugin has none)."""
+    path = os.path.join(PLUGIN_MODEL_YAML_DIR, f"{model_name}.yaml")
+    return path if os.path.isfile(path) else None
+
+
+def _foreign_argv():
+    """True when sys.argv belongs to a host program (pytest, a Ray worker) rather than to us."""
+    prog = os.path.basename(sys.argv[0]) if sys.argv else ""
+    if "pytest" in sys.modules and ("pytest" in prog or prog.startswith("py.test")):
+        return True
+    return "ray" in sys.argv[0] and ("worker" in prog or "_private" in sys.argv[0])
+
+
+class Config(RecBoleConfig):
+    """Config with plugin model defaults.
+
+    Args:
+        cmd_args (list[str] | None): ``--key=value`` strings to parse as command-line config. ``None`` reads
+            ``sys.argv[1:]`` unless the process is pytest or a Ray worker (then nothing is read).
+    """
+
+    def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None, cmd_args=None):
+        self._cmd_args = cmd_args
+        super().__init__(model, dataset, config_file_list, config_dict)
+
+    def compatibility_settings(self):
+        # RecBole 1.2.1 uses np.float/np.int/np.bool; numpy>=1.24 removed them and numpy 2 removed np.float_.
+        for alias, target in (("bool", np.bool_), ("int", np.int_), ("float", np.float64),
+                              ("complex", np.complex128), ("object", np.object_), ("str", np.str_),
+                              ("long", np.int_), ("unicode", np.str_)):
+            if alias not in np.__dict__:
+                setattr(np, alias, target)
+
+    def _load_cmd_line(self):
+        args = self._cmd_args
+        if args is None:
+            args = [] if _foreign_argv() else sys.argv[1:]
+        saved, sys.argv = sys.argv, [sys.argv[0] if sys.argv else "recbole_llm"] + list(args)
+        try:
+            return super()._load_cmd_line()
+        finally:
+            sys.argv = saved
+
+    def _load_internal_config_dict(self, model, model_class, dataset):
+        super()._load_internal_config_dict(model, model_class, dataset)
+        # Plugin defaults come after RecBole's internal files; user files, dicts and flags still override them.
+        path = plugin_model_yaml(model)
+        if path is not None:
+            self._update_internal_config_dict(path)
+
+    # Pickling: drop attributes holding classes, rebuild them on load.
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("yaml_loader", None)
+        state.pop("model_class", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.yaml_loader = self._build_yaml_loader()
+        from recbole_llm.utils import get_model
+
+        try:
+            self.model_class = get_model(self.model)
+        except ValueError:
+            self.model_class = None

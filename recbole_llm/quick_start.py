@@ -1,0 +1,181 @@
+"""Entry points mirroring ``recbole.quick_start``: run, tune objective, reload a saved model.
+
+Differences from RecBole's: plugin Config/model/trainer lookup; dataset YAMLs from ``properties/dataset``
+and a model profile picked automatically; a clear error for a missing dataset; safe checkpoint loading;
+Ray imported only when a Ray Tune trial asks for it.
+"""
+
+import argparse
+import logging
+import os
+import sys
+from logging import getLogger
+
+import torch
+from recbole.data import create_dataset, data_preparation
+from recbole.utils import get_environment, init_logger, init_seed, set_color
+
+from recbole_llm.checkpoint import load_checkpoint
+from recbole_llm.config import Config
+from recbole_llm.data.locate import check_dataset_available, default_config_files
+from recbole_llm.registry import PLUGIN_MODELS
+from recbole_llm.utils import get_model, get_trainer
+
+
+def build_config(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_args=None,
+                 profile="none"):
+    """Config with the plugin's dataset/profile YAMLs placed before the user's own files."""
+    config_file_list = list(config_file_list or [])
+    auto_files = default_config_files(model, dataset, profile)
+    config = Config(model=model, dataset=dataset, config_file_list=auto_files + config_file_list,
+                    config_dict=config_dict, cmd_args=cmd_args)
+    check_dataset_available(config)
+    return config
+
+
+def log_parameter_counts(model, logger):
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info(set_color("parameters", "blue") + f": trainable {trainable:,} / total {total:,} "
+                f"({100.0 * trainable / max(total, 1):.4f}% trainable)")
+
+
+def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True,
+                    queue=None, cmd_args=None, profile="none"):
+    """Train and test ``model`` on ``dataset`` (RecBole's ``run_recbole`` with plugin lookup).
+
+    Returns the same dict as ``run_recbole``.
+    """
+    config = build_config(model, dataset, config_file_list, config_dict, cmd_args, profile)
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    logger = getLogger()
+    logger.info(sys.argv)
+    logger.info(config)
+
+    dataset = create_dataset(config)
+    logger.info(dataset)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    logger.info(model)
+    log_parameter_counts(model, logger)
+
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    if config["resume_checkpoint"]:
+        trainer.resume_checkpoint(config["resume_checkpoint"])
+    best_valid_score, best_valid_result = trainer.fit(
+        train_data, valid_data, saved=saved, show_progress=config["show_progress"]
+    )
+    test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
+
+    logger.info("The running environment of this training is as follows:\n" + get_environment(config).draw())
+    logger.info(set_color("best valid ", "yellow") + f": {best_valid_result}")
+    logger.info(set_color("test result", "yellow") + f": {test_result}")
+
+    result = {
+        "best_valid_score": best_valid_score,
+        "valid_score_bigger": config["valid_metric_bigger"],
+        "best_valid_result": best_valid_result,
+        "test_result": test_result,
+        "saved_model_file": getattr(trainer, "saved_model_file", None) if saved else None,
+    }
+    if not config["single_spec"]:
+        torch.distributed.destroy_process_group()
+    if config["local_rank"] == 0 and queue is not None:
+        queue.put(result)
+    return result
+
+
+def run_recbole_llms(rank, *args):
+    """``mp.spawn`` target: one DDP process (rank) of ``run_recbole_llm``."""
+    kwargs = dict(args[-1])
+    kwargs["config_dict"] = dict(kwargs.get("config_dict") or {}, local_rank=rank)
+    run_recbole_llm(*args[:3], **kwargs)
+
+
+def objective_function(config_dict=None, config_file_list=None, saved=True, report_to_ray=False):
+    """Objective for RecBole's HyperTuning (and, with ``report_to_ray=True``, a Ray Tune trial)."""
+    config = Config(config_dict=config_dict, config_file_list=config_file_list, cmd_args=[])
+    check_dataset_available(config)
+    init_seed(config["seed"], config["reproducibility"])
+    logger = getLogger()
+    for handler in logger.handlers[:]:
+        logger.removeHandler(handler)
+    init_logger(config)
+    logging.basicConfig(level=logging.ERROR)
+    dataset = create_dataset(config)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    init_seed(config["seed"], config["reproducibility"])
+    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    best_valid_score, best_valid_result = trainer.fit(train_data, valid_data, verbose=False, saved=saved)
+    test_result = trainer.evaluate(test_data, load_best_model=saved)
+    if report_to_ray:
+        from ray.air import session  # only Ray Tune trials need ray
+
+        session.report(dict(test_result))
+    return {
+        "model": config["model"],
+        "best_valid_score": best_valid_score,
+        "valid_score_bigger": config["valid_metric_bigger"],
+        "best_valid_result": best_valid_result,
+        "test_result": test_result,
+    }
+
+
+def load_data_and_model(model_file, trust_pickled_code=False):
+    """Reload a saved model with its data (RecBole's function, loading the checkpoint safely)."""
+    checkpoint = load_checkpoint(model_file, trust_pickled_code=trust_pickled_code)
+    config = checkpoint["config"]
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    logger = getLogger()
+    logger.info(config)
+    dataset = create_dataset(config)
+    logger.info(dataset)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    init_seed(config["seed"], config["reproducibility"])
+    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    model.load_state_dict(checkpoint["state_dict"])
+    model.load_other_parameter(checkpoint.get("other_parameter"))
+    return config, model, dataset, train_data, valid_data, test_data
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Run a recbole_llm (or RecBole) model. Extra --key=value flags override config keys.")
+    parser.add_argument("--model", "-m", type=str, default="Laser", help="model name, e.g. Laser, SASRecSeRALM, SASRec")
+    parser.add_argument("--dataset", "-d", type=str, default="amazon-scientific", help="dataset name")
+    parser.add_argument("--config_files", type=str, default=None, help="space-separated config files")
+    parser.add_argument("--profile", type=str, default="auto", choices=["auto", "cpu", "paper", "none"],
+                        help="model size profile: cpu (small, for 2-core runs), paper (the papers' sizes), "
+                             "auto = paper on CUDA, cpu otherwise; none = only the model YAML defaults")
+    parser.add_argument("--nproc", type=int, default=1, help="number of DDP processes on this machine")
+    parser.add_argument("--ip", type=str, default="localhost", help="master address for DDP")
+    parser.add_argument("--port", type=str, default="5678", help="master port for DDP")
+    parser.add_argument("--world_size", type=int, default=-1, help="total DDP processes (all nodes)")
+    parser.add_argument("--group_offset", type=int, default=0, help="global rank offset of this node")
+    return parser.parse_known_args(argv)
+
+
+def main(argv=None):
+    args, extra = parse_args(argv)
+    bad = [a for a in extra if not (a.startswith("--") and "=" in a)]
+    if bad:
+        raise SystemExit(f"error: unrecognised arguments {bad}; config keys are given as --key=value")
+    config_files = args.config_files.strip().split(" ") if args.config_files else None
+    try:
+        get_model(args.model)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    if args.nproc == 1 and args.world_size <= 0:
+        return run_recbole_llm(args.model, args.dataset, config_files, cmd_args=extra, profile=args.profile)
+    from recbole_llm.distributed import spawn_ddp
+
+    return spawn_ddp(args, config_files, extra)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,9 @@
+"""The plugin's models and trainers, by name. Adding a model = one line here + its module + its YAML."""
+
+SEQ = "recbole_llm.model.sequential_recommender"
+
+# model name -> module holding a class of that name
+PLUGIN_MODELS = {}
+
+# model name -> (module, trainer class name)
+PLUGIN_TRAINERS = {}
