@@ -3,7 +3,9 @@
 SEQ = "recbole_llm.model.sequential_recommender"
 
 # model name -> module holding a class of that name
-PLUGIN_MODELS = {}
+PLUGIN_MODELS = {
+    "PAUP": f"{SEQ}.paup",
+}
 
 # model name -> (module, trainer class name)
 PLUGIN_TRAINERS = {}
