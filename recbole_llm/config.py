@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 from recbole.config import Config as RecBoleConfig
+from recbole.utils import ModelType
 
 PLUGIN_MODEL_YAML_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "properties", "model")
 
@@ -67,6 +68,15 @@ class Config(RecBoleConfig):
         path = plugin_model_yaml(model)
         if path is not None:
             self._update_internal_config_dict(path)
+
+    def _set_default_parameters(self):
+        # RecBole rejects its own default negative sampling for CE-loss sequential models; drop it unless
+        # the user asked for sampling explicitly (then RecBole's error stands).
+        final = self.final_config_dict
+        if (final.get("loss_type") == "CE" and "train_neg_sample_args" not in self.external_config_dict
+                and self.internal_config_dict.get("MODEL_TYPE") == ModelType.SEQUENTIAL):
+            final["train_neg_sample_args"] = None
+        super()._set_default_parameters()
 
     # Pickling: drop attributes holding classes, rebuild them on load.
     def __getstate__(self):

@@ -17,6 +17,7 @@ from recbole.utils import get_environment, init_logger, init_seed, set_color
 
 from recbole_llm.checkpoint import load_checkpoint
 from recbole_llm.config import Config
+from recbole_llm.errors import UserInputError
 from recbole_llm.data.locate import check_dataset_available, default_config_files
 from recbole_llm.registry import PLUGIN_MODELS
 from recbole_llm.utils import get_model, get_trainer
@@ -168,13 +169,28 @@ def main(argv=None):
     config_files = args.config_files.strip().split(" ") if args.config_files else None
     try:
         get_model(args.model)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
-    if args.nproc == 1 and args.world_size <= 0:
-        return run_recbole_llm(args.model, args.dataset, config_files, cmd_args=extra, profile=args.profile)
-    from recbole_llm.distributed import spawn_ddp
+        if args.nproc == 1 and args.world_size <= 0:
+            return run_recbole_llm(args.model, args.dataset, config_files, cmd_args=extra, profile=args.profile)
+        from recbole_llm.distributed import spawn_ddp
 
-    return spawn_ddp(args, config_files, extra)
+        return spawn_ddp(args, config_files, extra)
+    except (UserInputError, ValueError) as err:
+        # A user's mistake gets its message, not a traceback (RECBOLE_LLM_DEBUG=1 shows it).
+        if os.environ.get("RECBOLE_LLM_DEBUG") or (isinstance(err, ValueError) and not _is_user_error(err)):
+            raise
+        raise SystemExit(f"error: {err}") from None
+
+
+def _is_user_error(err):
+    """ValueErrors raised while reading the user's input (plugin lookups and RecBole's config checks)."""
+    if isinstance(err, UserInputError):
+        return True
+    frames = []
+    tb = err.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_filename)
+        tb = tb.tb_next
+    return any(f.endswith(("recbole_llm/utils.py", "recbole/config/configurator.py")) for f in frames[-2:])
 
 
 if __name__ == "__main__":

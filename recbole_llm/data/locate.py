@@ -2,6 +2,8 @@
 
 import os
 
+from recbole_llm.errors import DataNotFoundError
+
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO_DIR = os.path.dirname(PACKAGE_DIR)
 
@@ -79,15 +81,14 @@ def check_dataset_available(config):
         config["data_path"] = bundled
         return
     if dataset in FETCHABLE:
-        raise FileNotFoundError(fetch_instructions(dataset))
-    from recbole.data.utils import create_dataset  # noqa: F401  (RecBole may still download known names)
+        raise DataNotFoundError(fetch_instructions(dataset))
     import yaml
 
     url_yaml = os.path.join(os.path.dirname(__import__("recbole").__file__), "properties", "dataset", "url.yaml")
     with open(url_yaml) as f:
         known = yaml.safe_load(f)
-    if dataset not in known:
-        raise FileNotFoundError(
+    if dataset not in known:  # RecBole downloads the names it knows; anything else is a typo or missing
+        raise DataNotFoundError(
             f"Dataset '{dataset}' not found: expected atomic files at '{inter}' (and '{dataset}.item' beside it "
             f"for text-based models). Set data_path, or see README 'Adding a dataset'."
         )

@@ -1,0 +1,13 @@
+"""Errors that mean "the user's input is wrong": the CLI prints them without a traceback."""
+
+
+class UserInputError(Exception):
+    """Base class: a message that names what is wrong and what was expected."""
+
+
+class ConfigError(UserInputError, ValueError):
+    """A config key is missing, unknown or out of range."""
+
+
+class DataNotFoundError(UserInputError, FileNotFoundError):
+    """A dataset, model or cache file the run needs is not where it was expected."""

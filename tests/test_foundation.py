@@ -1,0 +1,146 @@
+"""Registration, config merge, checkpoint safety and the CLI on a tiny SASRec."""
+
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import recbole_llm
+from recbole_llm.checkpoint import load_checkpoint
+from recbole_llm.config import Config
+from recbole_llm.quick_start import run_recbole_llm
+from recbole_llm.registry import PLUGIN_MODELS, PLUGIN_TRAINERS
+from tests.helpers_foundation import tiny_sasrec_config
+
+NO_NEG = {"train_neg_sample_args": None}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_recbole_finds_every_plugin_model_and_trainer():
+    from recbole.utils import get_model, get_trainer
+
+    assert PLUGIN_MODELS, "no plugin model registered"
+    for name in PLUGIN_MODELS:
+        cls = get_model(name)
+        assert cls.__name__ == name
+        assert cls is recbole_llm.get_model(name)
+    for name, (_, trainer_name) in PLUGIN_TRAINERS.items():
+        assert get_trainer(get_model(name).type, name).__name__ == trainer_name
+
+
+def test_plugin_get_model_falls_back_to_recbole_and_names_unknown_models():
+    from recbole.model.sequential_recommender import SASRec
+
+    assert recbole_llm.get_model("SASRec") is SASRec
+    with pytest.raises(ValueError, match="NoSuchModel"):
+        recbole_llm.get_model("NoSuchModel")
+
+
+def test_recbole_models_get_a_safe_checkpoint_trainer():
+    from recbole.utils import ModelType
+
+    from recbole_llm.trainer.safe import SafeCheckpointMixin
+
+    trainer = recbole_llm.get_trainer(ModelType.SEQUENTIAL, "SASRec")
+    assert issubclass(trainer, SafeCheckpointMixin)
+    assert trainer is recbole_llm.get_trainer(ModelType.SEQUENTIAL, "SASRec")
+
+
+def test_config_merges_plugin_yaml_below_user_values(tmp_path, monkeypatch):
+    (tmp_path / "SASRec.yaml").write_text("plugin_only_key: 7\nhidden_size: 24\n")
+    monkeypatch.setattr("recbole_llm.config.PLUGIN_MODEL_YAML_DIR", str(tmp_path))
+    config = Config("SASRec", "ml-100k", config_dict={"hidden_size": 32, "train_neg_sample_args": None}, cmd_args=[])
+    assert config["plugin_only_key"] == 7
+    assert config["hidden_size"] == 32  # the user's value wins over the plugin default
+
+
+def test_config_ignores_pytest_argv_but_reads_given_args(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["pytest", "--foreign_flag=1", "-q"])
+    assert "foreign_flag" not in Config("SASRec", "ml-100k", config_dict=NO_NEG).final_config_dict
+    config = Config("SASRec", "ml-100k", config_dict=NO_NEG, cmd_args=["--hidden_size=48"])
+    assert config["hidden_size"] == 48
+
+
+def test_numpy_aliases_exist_after_config():
+    Config("SASRec", "ml-100k", config_dict=NO_NEG, cmd_args=[])
+    assert np.float is np.float64 or np.float is float
+    assert np.dtype(np.int) == np.dtype(np.int_)
+
+
+@pytest.fixture(scope="module")
+def sasrec_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sasrec")
+    result = run_recbole_llm("SASRec", "ml-100k", config_dict=tiny_sasrec_config(tmp), cmd_args=[])
+    return result
+
+
+def test_run_evaluates_best_model_from_safe_checkpoint(sasrec_run):
+    # run_recbole_llm calls RecBole's evaluate(load_best_model=True), which uses plain torch.load
+    assert set(sasrec_run["test_result"]) >= {"recall@10", "ndcg@10"}
+    checkpoint = torch.load(sasrec_run["saved_model_file"], weights_only=True)
+    assert checkpoint["config"]["model"] == "SASRec"
+
+
+def test_recbole_load_data_and_model_reads_plugin_checkpoint(sasrec_run):
+    from recbole.quick_start import load_data_and_model
+
+    config, model, _, _, _, test_data = load_data_and_model(sasrec_run["saved_model_file"])
+    from recbole.trainer import Trainer
+
+    result = Trainer(config, model).evaluate(test_data, load_best_model=False)
+    assert result["ndcg@10"] == pytest.approx(sasrec_run["test_result"]["ndcg@10"], abs=1e-4)
+
+
+def test_resume_continues_after_saved_epoch(sasrec_run):
+    from recbole_llm.quick_start import load_data_and_model
+    from recbole_llm.utils import get_trainer
+
+    config, model, *_ = load_data_and_model(sasrec_run["saved_model_file"])
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    trainer.resume_checkpoint(sasrec_run["saved_model_file"])
+    assert trainer.start_epoch == 1
+
+
+class _Boom:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path):
+    target = tmp_path / "created_by_unpickling"
+    bad = tmp_path / "bad.pth"
+    torch.save({"state_dict": {}, "payload": _Boom(str(target))}, bad)
+    with pytest.raises(RuntimeError, match="trust_pickled_code"):
+        load_checkpoint(str(bad))
+    assert not target.exists()
+
+
+def _cli(*args, cwd=REPO):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    return subprocess.run([sys.executable, os.path.join(REPO, "run_recbole_llm.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_cli_runs_a_recbole_model(tmp_path):
+    proc = _cli("--model=SASRec", "--dataset=ml-100k", "--epochs=1", "--hidden_size=16", "--inner_size=16",
+                "--n_layers=1", "--n_heads=1", "--MAX_ITEM_LIST_LENGTH=10", "--train_batch_size=512",
+                f"--checkpoint_dir={tmp_path}/saved", "--show_progress=False", cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "test result" in out and "ndcg@10" in out
+    assert any(name.startswith("SASRec-") for name in os.listdir(tmp_path / "saved"))
+    assert os.path.isdir(tmp_path / "log")
+
+
+def test_cli_rejects_unknown_model_and_dataset(tmp_path):
+    proc = _cli("--model=NoSuchModel", "--dataset=ml-100k", cwd=str(tmp_path))
+    assert proc.returncode != 0 and "NoSuchModel" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _cli("--model=SASRec", "--dataset=no-such-data", cwd=str(tmp_path))
+    assert proc.returncode != 0 and "no-such-data" in proc.stderr and "Traceback" not in proc.stderr
