@@ -81,8 +81,7 @@ def make_tiny_llm_dir(path, hidden_size=32, num_layers=2, num_heads=2, vocab_siz
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    _save_quietly(model, tokenizer, path)
     return str(path)
 
 
@@ -103,9 +102,19 @@ def make_tiny_encoder_dir(path, hidden_size=32, num_layers=2, num_heads=2, vocab
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = BertModel(config)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    _save_quietly(model, tokenizer, path)
     return str(path)
+
+
+def _save_quietly(model, tokenizer, path):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bars in test output
+    try:
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    finally:
+        hf_logging.enable_progress_bar()
 
 
 def _process_temp_dir(prefix):
