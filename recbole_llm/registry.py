@@ -5,6 +5,10 @@ SEQ = "recbole_llm.model.sequential_recommender"
 # model name -> module holding a class of that name
 PLUGIN_MODELS = {
     "PAUP": f"{SEQ}.paup",
+    "CaserSeRALM": f"{SEQ}.seralm",
+    "SASRecSeRALM": f"{SEQ}.seralm",
+    "PAUPSeRALM": f"{SEQ}.seralm",
+    "LightSANsSeRALM": f"{SEQ}.seralm",
 }
 
 # model name -> (module, trainer class name)

@@ -1,0 +1,355 @@
+"""SeRALM item knowledge: LLM-generated text per item, its sentence vectors, and their on-disk caches.
+
+Pipeline (paper 4.2): item attributes -> knowledge prompt -> LLM text s -> text encoder -> r_s.
+Both steps are slow and reusable, so both are cached under ``knowledge_cache_dir``
+(default ``<plugin cache>/knowledge/<dataset>``):
+
+- ``knowledge-<key>.partial.jsonl``: one line per finished generation batch ({"ids": [...], "texts": [...]}),
+  appended with flush + fsync, so a killed run resumes from the last finished batch (a truncated last
+  line is ignored). ``knowledge-<key>.json``: the consolidated texts, written atomically at the end.
+  The key covers the dataset (name + digest of the item texts), the LLM (path + file fingerprint, kept
+  layers), the adapter version (e.g. an alignment step) and every setting that changes the output.
+- ``vectors-<key>.safetensors``: the encoded matrix [n_items, d_text] (row 0, the padding item, is zero),
+  keyed by the texts' digest + the encoder's identity.
+
+Nothing here is called at recommendation time: models read the finished matrix at construction.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+KNOWLEDGE_SOURCES = ("llm", "item_text")
+
+DEFAULTS = {
+    "knowledge_source": "llm",
+    "knowledge_max_new_tokens": 48,
+    "knowledge_batch_size": 32,
+    "knowledge_repetition_penalty": 1.2,
+    "knowledge_encoder_max_length": 128,
+    "llm_path": None,
+    "llm_num_layers": None,
+    "encoder_path": None,
+    "knowledge_cache_dir": None,
+}
+
+
+def cfg(config, key):
+    """``config[key]`` for a RecBole Config or a plain dict, falling back to this module's defaults."""
+    value = config[key] if key in config else None
+    return DEFAULTS.get(key) if value is None else value
+
+
+def _digest(obj, n=16):
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:n]
+
+
+# --------------------------------------------------------------------------------------------- identity
+def file_fingerprint(path):
+    """Cheap identity of a model file or directory: names, sizes and the bytes of small/config files.
+
+    Hashing a 13 GB checkpoint would take minutes; names + sizes + the first and last MiB of each weight
+    file change whenever the weights are replaced in practice.
+    """
+    path = os.path.abspath(os.path.expanduser(str(path)))
+    digest = hashlib.sha256()
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(root, name) for root, _, names in os.walk(path) for name in names)
+    for file in files:
+        size = os.path.getsize(file)
+        digest.update(f"{os.path.relpath(file, path)}:{size};".encode())
+        with open(file, "rb") as f:
+            digest.update(f.read(1 << 20))
+            if size > 2 << 20:
+                f.seek(-(1 << 20), os.SEEK_END)
+                digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def llm_identity(config):
+    """What makes two LLMs generate the same text: file fingerprint and kept layers."""
+    path = cfg(config, "llm_path")
+    if path is None:
+        from recbole_llm.llm.loader import bundled_llm_gguf
+
+        path = bundled_llm_gguf()
+    return {"llm": os.path.basename(os.path.normpath(str(path))), "llm_fingerprint": file_fingerprint(path),
+            "llm_num_layers": cfg(config, "llm_num_layers")}
+
+
+def encoder_identity(config):
+    path = cfg(config, "encoder_path")
+    if path is None:
+        from recbole_llm.llm.loader import bundled_encoder_dir
+
+        path = bundled_encoder_dir()
+    return {"encoder": os.path.basename(os.path.normpath(str(path))), "encoder_fingerprint": file_fingerprint(path)}
+
+
+def knowledge_cache_dir(config):
+    directory = cfg(config, "knowledge_cache_dir")
+    if directory is None:
+        from recbole_llm.llm.loader import cache_dir
+
+        directory = os.path.join(cache_dir(), "knowledge", str(config["dataset"]))
+    return os.path.abspath(os.path.expanduser(str(directory)))
+
+
+# ---------------------------------------------------------------------------------------- atomic writes
+def _atomic_write(path, write):
+    """Call ``write(tmp_path)`` then rename over ``path``: readers never see half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------------------- text cache
+class KnowledgeCache:
+    """Generated texts of one (dataset, LLM, adapter, settings) key: a resumable JSONL + a final JSON."""
+
+    def __init__(self, directory, key, meta=None):
+        self.directory = directory
+        self.key = key
+        self.meta = meta or {}
+        self.final_path = os.path.join(directory, f"knowledge-{key}.json")
+        self.partial_path = os.path.join(directory, f"knowledge-{key}.partial.jsonl")
+
+    def load_final(self):
+        """The finished texts (list by item id) or None."""
+        if not os.path.isfile(self.final_path):
+            return None
+        with open(self.final_path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"Knowledge cache '{self.final_path}' is corrupt ({err}); delete it to regenerate.")
+        return data["texts"]
+
+    def load_partial(self):
+        """{item_id: text} from finished batches. A truncated last line (run killed mid-write) is dropped
+        and cut from the file, so the next append starts on a clean line."""
+        done = {}
+        if not os.path.isfile(self.partial_path):
+            return done
+        with open(self.partial_path, "rb") as f:
+            lines = f.read().split(b"\n")
+        good_bytes = 0
+        for number, line in enumerate(lines):
+            if not line.strip():
+                good_bytes += len(line) + 1
+                continue
+            try:
+                record = json.loads(line)
+                ids, texts = record["ids"], record["texts"]
+                if len(ids) != len(texts):
+                    raise ValueError("ids and texts differ in length")
+            except (ValueError, KeyError, TypeError) as err:
+                if any(rest.strip() for rest in lines[number + 1:]):
+                    raise ValueError(f"Knowledge cache '{self.partial_path}' line {number + 1} is corrupt ({err}); "
+                                     "delete the file to regenerate.") from None
+                logger.warning(f"Ignoring a truncated last line in {self.partial_path} (interrupted run).")
+                with open(self.partial_path, "r+b") as f:
+                    f.truncate(good_bytes)
+                break
+            done.update(zip((int(i) for i in ids), texts))
+            good_bytes += len(line) + 1
+        return done
+
+    def append_batch(self, ids, texts):
+        os.makedirs(self.directory, exist_ok=True)
+        line = json.dumps({"ids": [int(i) for i in ids], "texts": list(texts)}, ensure_ascii=False)
+        with open(self.partial_path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def finalize(self, texts):
+        payload = {"meta": self.meta, "texts": list(texts)}
+
+        def write(tmp):
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(payload, f, ensure_ascii=False)
+
+        _atomic_write(self.final_path, write)
+        if os.path.exists(self.partial_path):
+            os.remove(self.partial_path)
+
+
+# --------------------------------------------------------------------------------------- generation
+def item_source_texts(dataset, config):
+    """The items' own text attributes by internal id ("" for padding), from recbole_llm.data.item_text."""
+    from recbole_llm.data.item_text import item_texts
+
+    texts = list(item_texts(dataset, config))
+    if len(texts) != dataset.item_num:
+        raise ValueError(f"item_texts returned {len(texts)} texts for {dataset.item_num} items (incl. padding).")
+    return texts
+
+
+def generation_settings(config):
+    from recbole_llm.llm.prompts import knowledge_template_digest
+
+    return {"max_new_tokens": int(cfg(config, "knowledge_max_new_tokens")),
+            "repetition_penalty": float(cfg(config, "knowledge_repetition_penalty")),
+            "do_sample": False, "prompt": knowledge_template_digest()}
+
+
+def knowledge_key(dataset_name, source_texts, config, adapter_version="base"):
+    """Cache key and the metadata it summarises (stored in the final file for inspection)."""
+    meta = {"dataset": str(dataset_name), "item_texts": _digest(source_texts), **llm_identity(config),
+            "adapter_version": str(adapter_version), **generation_settings(config)}
+    return _digest(meta), meta
+
+
+def knowledge_prompts(source_texts, tokenizer):
+    """Chat-formatted knowledge prompts for the given item texts (Figure 3 template)."""
+    from recbole_llm.llm.generate import build_chat_prompts
+    from recbole_llm.llm.prompts import KNOWLEDGE_SYSTEM, knowledge_prompt
+
+    return build_chat_prompts(tokenizer, [knowledge_prompt(t) for t in source_texts], system=KNOWLEDGE_SYSTEM)
+
+
+def _default_generate_fn(llm, tokenizer, config):
+    from recbole_llm.llm.generate import generate_batched
+
+    settings = generation_settings(config)
+
+    def generate(prompts):
+        return generate_batched(llm, tokenizer, prompts, max_new_tokens=settings["max_new_tokens"],
+                                batch_size=len(prompts), repetition_penalty=settings["repetition_penalty"],
+                                do_sample=False, progress=False)
+
+    return generate
+
+
+def load_knowledge_llm(config):
+    """The LLM named by the config (llm_path / llm_num_layers) on the config's device."""
+    from recbole_llm.llm.loader import load_causal_lm
+
+    device = config["device"] if "device" in config else None
+    return load_causal_lm(cfg(config, "llm_path"), device=device, num_layers=cfg(config, "llm_num_layers"))
+
+
+def generate_knowledge(dataset, config, llm=None, tokenizer=None, adapter_version="base", generate_fn=None,
+                       progress=True):
+    """Knowledge text for every item (list by internal id, "" for padding), generated once and cached.
+
+    llm/tokenizer: the model to generate with (e.g. the aligned LLM); None loads ``llm_path`` only when
+        something is left to generate. A passed LLM must be the config's LLM plus the adapter named by
+        ``adapter_version``: the cache key is computed from the config and that version.
+    generate_fn: ``prompts -> texts`` (tests; custom backends); default batched greedy decoding.
+    """
+    source_texts = item_source_texts(dataset, config)
+    key, meta = knowledge_key(config["dataset"], source_texts, config, adapter_version)
+    cache = KnowledgeCache(knowledge_cache_dir(config), key, meta)
+    texts = cache.load_final()
+    if texts is not None:
+        if len(texts) != len(source_texts):
+            raise ValueError(f"Knowledge cache '{cache.final_path}' holds {len(texts)} items, expected "
+                             f"{len(source_texts)}; delete it to regenerate.")
+        return texts
+    done = cache.load_partial()
+    todo = [i for i in range(1, len(source_texts)) if i not in done]
+    if todo:
+        if generate_fn is None:
+            if llm is None or tokenizer is None:
+                llm, tokenizer = load_knowledge_llm(config)
+            generate_fn = _default_generate_fn(llm, tokenizer, config)
+        todo.sort(key=lambda i: len(source_texts[i]))  # similar lengths batch with less padding
+        logger.info(f"Generating knowledge for {len(todo)} items ({len(done)} cached) into {cache.partial_path}")
+        _generate_batches(cache, todo, source_texts, generate_fn, tokenizer, int(cfg(config, "knowledge_batch_size")),
+                          done, progress)
+    texts = [""] + [done[i] for i in range(1, len(source_texts))]
+    cache.finalize(texts)
+    return texts
+
+
+def _generate_batches(cache, todo, source_texts, generate_fn, tokenizer, batch_size, done, progress):
+    start = time.perf_counter()
+    with tqdm(total=len(todo), desc="Knowledge generation", unit="item", disable=not progress) as bar:
+        for begin in range(0, len(todo), batch_size):
+            ids = todo[begin:begin + batch_size]
+            batch_texts = [source_texts[i] for i in ids]
+            prompts = knowledge_prompts(batch_texts, tokenizer) if tokenizer is not None else batch_texts
+            outputs = [str(o).strip() for o in generate_fn(prompts)]
+            if len(outputs) != len(ids):
+                raise RuntimeError(f"The generator returned {len(outputs)} texts for {len(ids)} prompts.")
+            cache.append_batch(ids, outputs)
+            done.update(zip(ids, outputs))
+            bar.update(len(ids))
+    elapsed = time.perf_counter() - start
+    logger.info(f"Generated knowledge for {len(todo)} items in {elapsed:.1f} s ({len(todo) / max(elapsed, 1e-9):.2f} items/s)")
+
+
+# ----------------------------------------------------------------------------------------- encoding
+def vectors_path(texts, config):
+    key = _digest({"texts": _digest(list(texts), 32), **encoder_identity(config),
+                   "max_length": int(cfg(config, "knowledge_encoder_max_length")), "normalize": True})
+    return os.path.join(knowledge_cache_dir(config), f"vectors-{key}.safetensors")
+
+
+def encode_knowledge(texts, config, encoder=None, progress=True):
+    """Sentence vectors [len(texts), d_text] (float32) for knowledge texts by item id; row 0 (padding) and
+    empty texts are 0.
+
+    Cached on disk by the texts' digest + encoder identity (safetensors, atomic write).
+    encoder: optional (model, tokenizer); None loads ``encoder_path`` (bundled MiniLM) only on a cache miss.
+    """
+    from safetensors.torch import load_file, save_file
+
+    texts = list(texts)
+    path = vectors_path(texts, config)
+    if os.path.isfile(path):
+        vectors = load_file(path)["vectors"]
+        if vectors.size(0) == len(texts):
+            return vectors
+        logger.warning(f"Ignoring {path}: it holds {vectors.size(0)} rows, expected {len(texts)}.")
+    if encoder is None:
+        from recbole_llm.llm.loader import load_text_encoder
+
+        device = config["device"] if "device" in config else None
+        encoder = load_text_encoder(cfg(config, "encoder_path"), device=device)
+    from recbole_llm.llm.encode import mean_pool_encode
+
+    model, tokenizer = encoder
+    # The padding item and items whose knowledge came out empty get a zero vector ("no knowledge").
+    rows = [i for i in range(1, len(texts)) if texts[i].strip()]
+    vectors = torch.zeros(len(texts), model.config.hidden_size)
+    if rows:
+        vectors[rows] = mean_pool_encode(model, tokenizer, [texts[i] for i in rows], normalize=True, progress=progress,
+                                         max_length=int(cfg(config, "knowledge_encoder_max_length"))).float().cpu()
+    vectors = vectors.contiguous()
+    _atomic_write(path, lambda tmp: save_file({"vectors": vectors}, tmp))
+    return vectors
+
+
+def knowledge_texts(dataset, config, adapter_version="base"):
+    """Texts whose vectors feed the model, by item id: LLM knowledge, or the items' own text
+    (``knowledge_source: item_text``, a cheap baseline that needs no LLM)."""
+    source = cfg(config, "knowledge_source")
+    if source not in KNOWLEDGE_SOURCES:
+        raise ValueError(f"knowledge_source={source!r} is not supported; expected one of {KNOWLEDGE_SOURCES}.")
+    if source == "item_text":
+        return item_source_texts(dataset, config)
+    return generate_knowledge(dataset, config, adapter_version=adapter_version)
+
+
+def knowledge_matrix(dataset, config, adapter_version="base"):
+    """[n_items, d_text] knowledge vectors for ``dataset``: generate (or load) then encode (or load)."""
+    return encode_knowledge(knowledge_texts(dataset, config, adapter_version), config)

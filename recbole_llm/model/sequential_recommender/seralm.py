@@ -1,0 +1,236 @@
+# -*- coding: utf-8 -*-
+r"""
+SeRALM knowledge-enhanced sequential recommenders
+################################################
+
+Reference:
+    Enhancing Sequential Recommenders with Augmented Knowledge from Aligned Large Language Models (SeRALM).
+
+The base models (Caser, SASRec, PAUP, LightSANs) are unchanged except for their item vectors (paper 4.3:
+"concatenated with the item ID embedding"). Every one of them reads items only through
+``self.item_embedding(ids)`` and ``self.item_embedding.weight`` (sequence inputs, CE candidates,
+full_sort_predict, Caser's L2 term), so we swap that one module for :class:`KnowledgeItemEmbedding`,
+which returns ``[ID embedding ; Linear(knowledge vector)]`` for given ids and the full table as
+``.weight``; no forward code of the base models is copied.
+
+Design choice (the paper does not give sizes): the concatenation keeps the base model's width. The ID
+part is ``width - knowledge_proj_size`` wide and the projected knowledge ``knowledge_proj_size``, so
+every layer after the embedding is exactly the base model's.
+
+Knowledge vectors (text-encoder outputs, [n_items, d_text]) are a buffer filled at construction from
+:func:`recbole_llm.data.knowledge.knowledge_matrix` (cached; the LLM is never run at recommendation
+time) and saved in the checkpoint's state_dict.
+"""
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recbole.model.sequential_recommender.caser import Caser
+from recbole.model.sequential_recommender.lightsans import LightSANs
+from recbole.model.sequential_recommender.sasrec import SASRec
+
+from recbole_llm.model.sequential_recommender.paup import PAUP
+
+
+class KnowledgeItemEmbedding(nn.Module):
+    """Drop-in for ``nn.Embedding``: item vector = [ID embedding ; projected knowledge vector].
+
+    ``forward(ids)`` embeds given items; ``weight`` is the full [n_items, embedding_dim] table. The padding
+    item (id 0) is all zeros, as with ``padding_idx=0``.
+    """
+
+    def __init__(self, n_items, embedding_dim, knowledge_vectors, proj_size, dropout_prob):
+        super().__init__()
+        if not 0 < proj_size < embedding_dim:
+            raise ValueError(f"knowledge_proj_size={proj_size} must be between 1 and the item embedding width - 1 "
+                             f"({embedding_dim - 1}) so that the ID embedding keeps some width.")
+        if knowledge_vectors.dim() != 2 or knowledge_vectors.size(0) != n_items:
+            raise ValueError(f"knowledge vectors must be [n_items={n_items}, d_text], got {tuple(knowledge_vectors.shape)}.")
+        self.num_embeddings = n_items
+        self.embedding_dim = embedding_dim
+        self.id_embedding = nn.Embedding(n_items, embedding_dim - proj_size, padding_idx=0)
+        self.knowledge_projection = nn.Linear(knowledge_vectors.size(1), proj_size)
+        self.knowledge_dropout = nn.Dropout(dropout_prob)
+        self.register_buffer("knowledge_vectors", knowledge_vectors.detach().float().clone())
+        self.override = None  # a [n_items, d_text] matrix used instead of the buffer for one call
+
+    def knowledge_table(self):
+        return self.knowledge_vectors if self.override is None else self.override
+
+    def _combine(self, id_emb, knowledge, items):
+        projected = self.knowledge_projection(self.knowledge_dropout(knowledge))
+        return torch.cat([id_emb, projected], dim=-1) * (items != 0).unsqueeze(-1).to(id_emb.dtype)
+
+    def forward(self, items):
+        return self._combine(self.id_embedding(items), self.knowledge_table()[items], items)
+
+    @property
+    def weight(self):
+        items = torch.arange(self.num_embeddings, device=self.id_embedding.weight.device)
+        return self._combine(self.id_embedding.weight, self.knowledge_table(), items)
+
+
+class SeRALMMixin:
+    """Adds LLM knowledge to a RecBole sequential model's item vectors; put it first in the bases.
+
+    Config keys (see the model YAMLs): knowledge_proj_size, knowledge_dropout, train_text_encoder,
+    knowledge_source, knowledge_* generation/encoding settings, llm_path, encoder_path.
+    """
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        if self.loss_type != "CE":
+            raise ValueError(f"{type(self).__name__} needs loss_type: CE (log p(y|x, s) is a softmax over all items); "
+                             f"got loss_type={self.loss_type!r}.")
+        vectors = self._initial_knowledge(config, dataset)
+        base = self.item_embedding
+        self.item_embedding = KnowledgeItemEmbedding(
+            self.n_items, base.embedding_dim, vectors, int(config["knowledge_proj_size"]),
+            float(config["knowledge_dropout"] or 0.0))
+        self.item_embedding.apply(self._init_weights)
+        self.train_text_encoder = bool(config["train_text_encoder"])
+        if self.train_text_encoder:
+            self._setup_text_encoder(config, dataset)
+
+    # ------------------------------------------------------------------------------------ knowledge I/O
+    def _initial_knowledge(self, config, dataset):
+        if config["knowledge_source"] == "checkpoint":
+            # Reload without any cache: shape only, the state_dict that follows fills the values.
+            dim = config["knowledge_text_dim"]
+            if not dim:
+                raise ValueError("knowledge_source: checkpoint needs knowledge_text_dim (saved in the checkpoint's config).")
+            return torch.zeros(self.n_items, int(dim))
+        from recbole_llm.data.knowledge import knowledge_matrix
+
+        vectors = knowledge_matrix(dataset, config)
+        config["knowledge_text_dim"] = int(vectors.size(1))  # recorded in checkpoints for knowledge_source: checkpoint
+        return vectors
+
+    @property
+    def knowledge_vectors(self):
+        """The cached knowledge matrix [n_items, d_text] the model reads (a buffer, saved in checkpoints)."""
+        return self.item_embedding.knowledge_vectors
+
+    def set_knowledge_vectors(self, vectors):
+        """Replace the whole knowledge matrix, e.g. after regenerating knowledge with the aligned LLM."""
+        current = self.item_embedding.knowledge_vectors
+        if tuple(vectors.shape) != tuple(current.shape):
+            raise ValueError(f"set_knowledge_vectors expects a tensor of shape {tuple(current.shape)} "
+                             f"[n_items, d_text], got {tuple(vectors.shape)}.")
+        with torch.no_grad():
+            current.copy_(vectors.detach().to(current))
+
+    def _override_table(self, knowledge_override):
+        """A full [n_items, d_text] table from an override: a full tensor, or {item_id: vector}."""
+        base = self.item_embedding.knowledge_vectors
+        if knowledge_override is None:
+            return None
+        if isinstance(knowledge_override, dict):
+            if not knowledge_override:
+                return None
+            ids = torch.as_tensor([int(i) for i in knowledge_override], dtype=torch.long, device=base.device)
+            rows = torch.stack([torch.as_tensor(v) for v in knowledge_override.values()]).to(base)
+            if rows.dim() != 2 or rows.size(1) != base.size(1):
+                raise ValueError(f"knowledge_override vectors must each be [d_text={base.size(1)}], got {tuple(rows.shape[1:])}.")
+            return base.index_put((ids,), rows)
+        if not torch.is_tensor(knowledge_override) or tuple(knowledge_override.shape) != tuple(base.shape):
+            raise ValueError(f"knowledge_override must be a dict {{item_id: Tensor[d_text]}} or a tensor of shape "
+                             f"{tuple(base.shape)}, got {type(knowledge_override).__name__}.")
+        return knowledge_override.to(base)
+
+    @contextlib.contextmanager
+    def _knowledge(self, table):
+        previous = self.item_embedding.override
+        if table is not None:
+            self.item_embedding.override = table
+        try:
+            yield
+        finally:
+            self.item_embedding.override = previous
+
+    # ---------------------------------------------------------------------------- training / scoring
+    def calculate_loss(self, interaction, knowledge_override=None):
+        table = self._override_table(knowledge_override)
+        if table is None and self.train_text_encoder and self.training:
+            table = self._fresh_knowledge_table(interaction)
+        with self._knowledge(table):
+            return super().calculate_loss(interaction)
+
+    def target_log_prob(self, interaction, knowledge_override=None):
+        """log p(y | x, s) [B] of each row's target item under the softmax over all items (as the CE loss)."""
+        with self._knowledge(self._override_table(knowledge_override)):
+            scores = self.full_sort_predict(interaction)
+        target = interaction[self.POS_ITEM_ID].long().unsqueeze(1)
+        return torch.log_softmax(scores, dim=-1).gather(1, target).squeeze(1)
+
+    # ------------------------------------------------------------------------ trainable text encoder
+    # train_text_encoder: True (paper 4.3, "the text encoder is jointly optimized"): each training step
+    # re-encodes, with gradients, the knowledge texts of every distinct item in the batch (sequences +
+    # targets); the other candidates keep their cached vectors, and those rows are written back to the
+    # cache. Cost: one encoder forward+backward over ~all distinct batch items per step (on CPU seconds
+    # per step with MiniLM), plus a full re-encode of every item whenever the model switches to eval.
+    def _setup_text_encoder(self, config, dataset):
+        from recbole_llm.data.knowledge import cfg, knowledge_texts
+        from recbole_llm.llm.loader import load_text_encoder
+
+        self.knowledge_texts = knowledge_texts(dataset, config)
+        encoder, tokenizer = load_text_encoder(cfg(config, "encoder_path"), device="cpu", dtype="float32")
+        for param in encoder.parameters():
+            param.requires_grad_(True)
+        self.text_encoder = encoder
+        self.text_tokenizer = tokenizer
+        self.encoder_max_length = int(cfg(config, "knowledge_encoder_max_length"))
+        self._encoder_stale = False
+
+    def _encode_with_grad(self, items):
+        texts = [self.knowledge_texts[i] for i in items]
+        device = self.item_embedding.knowledge_vectors.device
+        batch = self.text_tokenizer(texts, padding=True, truncation=True, max_length=self.encoder_max_length,
+                                    return_tensors="pt").to(device)
+        states = self.text_encoder(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
+        return F.normalize((states * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=-1)
+
+    def _fresh_knowledge_table(self, interaction):
+        items = torch.cat([interaction[self.ITEM_SEQ].flatten(), interaction[self.POS_ITEM_ID].flatten()])
+        items = [i for i in torch.unique(items).tolist() if i != 0]
+        fresh = self._encode_with_grad(items)
+        ids = torch.as_tensor(items, device=fresh.device)
+        with torch.no_grad():
+            self.item_embedding.knowledge_vectors[ids] = fresh.detach()
+        self._encoder_stale = True
+        return self.item_embedding.knowledge_vectors.index_put((ids,), fresh)
+
+    @torch.no_grad()
+    def refresh_knowledge_vectors(self, batch_size=64):
+        """Re-encode every item's knowledge with the current (fine-tuned) text encoder."""
+        rows = [self._encode_with_grad(list(range(start, min(start + batch_size, self.n_items))))
+                for start in range(1, self.n_items, batch_size)]
+        vectors = torch.cat([torch.zeros_like(rows[0][:1]), *rows]).detach()
+        self.set_knowledge_vectors(vectors)
+        self._encoder_stale = False
+
+    def train(self, mode=True):
+        result = super().train(mode)
+        if not mode and getattr(self, "train_text_encoder", False) and getattr(self, "_encoder_stale", False):
+            self.refresh_knowledge_vectors()  # after switching: the encoder's dropout is off
+        return result
+
+
+class CaserSeRALM(SeRALMMixin, Caser):
+    r"""Caser with SeRALM knowledge concatenated to its item embeddings."""
+
+
+class SASRecSeRALM(SeRALMMixin, SASRec):
+    r"""SASRec with SeRALM knowledge concatenated to its item embeddings."""
+
+
+class PAUPSeRALM(SeRALMMixin, PAUP):
+    r"""PAUP with SeRALM knowledge concatenated to its item embeddings."""
+
+
+class LightSANsSeRALM(SeRALMMixin, LightSANs):
+    r"""LightSANs with SeRALM knowledge concatenated to its item embeddings."""
