@@ -9,7 +9,10 @@ PLUGIN_MODELS = {
     "SASRecSeRALM": f"{SEQ}.seralm",
     "PAUPSeRALM": f"{SEQ}.seralm",
     "LightSANsSeRALM": f"{SEQ}.seralm",
+    "Laser": f"{SEQ}.laser",
 }
 
 # model name -> (module, trainer class name)
-PLUGIN_TRAINERS = {}
+PLUGIN_TRAINERS = {
+    "Laser": ("recbole_llm.trainer.laser_trainer", "LaserTrainer"),
+}

@@ -1,0 +1,222 @@
+"""The frozen ID-based sequential recommender of Laser: gives per-position states C_u [B, N, d_i].
+
+BERT4Rec (the paper's choice) or SASRec, either from a given RecBole checkpoint (``frozen_sr_checkpoint``)
+or trained here first with RecBole's own model and trainer on the same dataset and split, then cached:
+``<frozen_sr_cache_dir or checkpoint_dir/frozen_sr>/<SR>-<dataset>-<key>.pth`` where the key digests the
+data files and every config value the SR's training depends on. Cache files are written atomically and
+read with ``recbole_llm.checkpoint.load_checkpoint`` (weights_only=True).
+"""
+
+import hashlib
+import json
+import logging
+import os
+import random
+
+import numpy as np
+import torch
+from torch import nn
+
+from recbole_llm.checkpoint import atomic_torch_save, load_checkpoint
+
+SUPPORTED_SR = ("BERT4Rec", "SASRec")
+
+# Laser config keys copied into the SR's config: they fix the data, its filtering and the split.
+DATA_KEYS = (
+    "data_path", "field_separator", "seq_separator", "USER_ID_FIELD", "ITEM_ID_FIELD", "RATING_FIELD",
+    "TIME_FIELD", "seq_len", "LABEL_FIELD", "threshold", "NEG_PREFIX", "load_col", "unload_col", "unused_col",
+    "additional_feat_suffix", "rm_dup_inter", "val_interval", "filter_inter_by_user_or_item",
+    "user_inter_num_interval", "item_inter_num_interval", "alias_of_user_id", "alias_of_item_id",
+    "alias_of_entity_id", "alias_of_relation_id", "preload_weight", "normalize_field", "normalize_all",
+    "ITEM_LIST_LENGTH_FIELD", "LIST_SUFFIX", "MAX_ITEM_LIST_LENGTH", "POSITION_FIELD", "benchmark_filename",
+    "eval_args", "metrics", "topk", "valid_metric", "seed", "reproducibility", "device", "use_gpu", "gpu_id",
+    "checkpoint_dir", "state", "show_progress", "worker",
+)
+# Keys whose values decide the cached SR's weights (besides the data files).
+KEY_FIELDS = ("model", "n_layers", "n_heads", "hidden_size", "inner_size", "hidden_dropout_prob",
+              "attn_dropout_prob", "hidden_act", "layer_norm_eps", "initializer_range", "mask_ratio", "ft_ratio",
+              "loss_type", "epochs", "learning_rate", "train_batch_size", "stopping_step", "seed",
+              "MAX_ITEM_LIST_LENGTH", "eval_args", "valid_metric", "load_col", "rm_dup_inter", "val_interval",
+              "filter_inter_by_user_or_item", "user_inter_num_interval", "item_inter_num_interval", "threshold")
+
+logger = logging.getLogger(__name__)
+
+
+def sr_config_dict(config):
+    """config_dict for training/building the SR from the Laser config (data keys + frozen_sr_* keys)."""
+    name = config["frozen_sr_model"]
+    if name not in SUPPORTED_SR:
+        raise ValueError(f"frozen_sr_model must be one of {SUPPORTED_SR}, got {name!r}")
+    if name == "BERT4Rec" and int(0.2 * config["MAX_ITEM_LIST_LENGTH"]) < 1:
+        raise ValueError(f"MAX_ITEM_LIST_LENGTH={config['MAX_ITEM_LIST_LENGTH']} is too short to train RecBole's "
+                         "BERT4Rec (it masks int(0.2 * length) items, i.e. none); use >= 5 or frozen_sr_model: SASRec")
+    values = {k: config[k] for k in DATA_KEYS if k in config and config[k] is not None}
+    values.update(
+        n_layers=config["frozen_sr_n_layers"], n_heads=config["frozen_sr_n_heads"],
+        hidden_size=config["frozen_sr_hidden_size"], inner_size=config["frozen_sr_inner_size"],
+        epochs=config["frozen_sr_epochs"], learning_rate=config["frozen_sr_learning_rate"],
+        train_batch_size=config["frozen_sr_batch_size"], stopping_step=config["frozen_sr_stopping_step"],
+        eval_batch_size=256, loss_type="CE", train_neg_sample_args=None, eval_step=1,
+    )
+    values["device"] = str(config["device"])
+    # RecBole's final data_path already ends with the dataset folder; the SR's Config appends it again.
+    values["data_path"] = os.path.dirname(os.path.normpath(config["data_path"]))
+    return values
+
+
+def data_digest(config):
+    """sha256 (16 hex) of the dataset's atomic files (.inter, .item, .user when present)."""
+    digest = hashlib.sha256()
+    folder, name = config["data_path"], config["dataset"]
+    found = False
+    for suffix in ("inter", "item", "user"):
+        path = os.path.join(folder, f"{name}.{suffix}")
+        if os.path.isfile(path):
+            found = True
+            digest.update(suffix.encode())
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    if not found:
+        raise FileNotFoundError(f"no atomic files for dataset '{name}' under data_path '{folder}'")
+    return digest.hexdigest()[:16]
+
+
+def cache_key(sr_config, digest):
+    values = {k: sr_config[k] for k in KEY_FIELDS if k in sr_config}
+    text = json.dumps(values, sort_keys=True, default=str) + digest
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cache_path(config, sr_config, digest):
+    folder = config["frozen_sr_cache_dir"] or os.path.join(config["checkpoint_dir"], "frozen_sr")
+    return os.path.join(folder, f"{sr_config['model']}-{config['dataset']}-{cache_key(sr_config, digest)}.pth")
+
+
+def _build_sr_config(config):
+    from recbole_llm.config import Config
+
+    return Config(model=config["frozen_sr_model"], dataset=config["dataset"],
+                  config_dict=sr_config_dict(config), cmd_args=[])
+
+
+def train_frozen_sr(sr_config, path, show_progress=False):
+    """Train the SR with RecBole's model + trainer on the same data/split; save its best weights to ``path``."""
+    from recbole.data import create_dataset, data_preparation
+    from recbole.utils import init_seed
+
+    from recbole_llm.utils import get_model, get_trainer
+
+    init_seed(sr_config["seed"], sr_config["reproducibility"])
+    dataset = create_dataset(sr_config)
+    train_data, valid_data, _ = data_preparation(sr_config, dataset)
+    init_seed(sr_config["seed"], sr_config["reproducibility"])
+    model = get_model(sr_config["model"])(sr_config, train_data._dataset).to(sr_config["device"])
+    trainer = get_trainer(sr_config["MODEL_TYPE"], sr_config["model"])(sr_config, model)
+    trainer.saved_model_file = path + ".best.tmp"
+    try:
+        logger.info(f"Training the frozen {sr_config['model']} for Laser (cached afterwards at {path})")
+        trainer.fit(train_data, valid_data, saved=True, show_progress=show_progress, verbose=False)
+        best = load_checkpoint(trainer.saved_model_file, map_location="cpu")
+        atomic_torch_save({"state_dict": best["state_dict"], "model": sr_config["model"],
+                           "best_valid_score": float(best["best_valid_score"]),
+                           "n_items": int(dataset.item_num)}, path)
+    finally:
+        if os.path.exists(trainer.saved_model_file):
+            os.remove(trainer.saved_model_file)
+    logger.info(f"Frozen {sr_config['model']}: best valid {sr_config['valid_metric']} = "
+                f"{float(best['best_valid_score']):.4f}")
+
+
+class FrozenSR(nn.Module):
+    """Wraps a trained RecBole BERT4Rec/SASRec; never trained (eval mode, requires_grad False)."""
+
+    def __init__(self, recommender):
+        super().__init__()
+        self.recommender = recommender
+        self.hidden_size = recommender.hidden_size
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode=True):  # stays in eval mode (no dropout) whatever the parent does
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, item_seq, item_seq_len):
+        """C_u [B, N, d_i] (states at every position) and the mask [B, N] of real (unpadded) items.
+
+        RecBole sequences are right-padded: items at positions 0..len-1.
+        """
+        positions = torch.arange(item_seq.size(1), device=item_seq.device)
+        mask = positions.unsqueeze(0) < item_seq_len.unsqueeze(1)
+        sr = self.recommender
+        if isinstance(sr, _bert4rec_class()):
+            states = sr.forward(item_seq)  # RecBole's BERT4Rec already returns every position
+        else:
+            states = _sasrec_all_positions(sr, item_seq)
+        return states, mask
+
+
+def _bert4rec_class():
+    from recbole.model.sequential_recommender.bert4rec import BERT4Rec
+
+    return BERT4Rec
+
+
+def _sasrec_all_positions(sr, item_seq):
+    """SASRec's forward without its final gather: the causal encoder's output at every position."""
+    position_ids = torch.arange(item_seq.size(1), dtype=torch.long, device=item_seq.device)
+    embedded = sr.item_embedding(item_seq) + sr.position_embedding(position_ids).unsqueeze(0)
+    embedded = sr.dropout(sr.LayerNorm(embedded))
+    attention_mask = sr.get_attention_mask(item_seq)
+    return sr.trm_encoder(embedded, attention_mask, output_all_encoded_layers=True)[-1]
+
+
+def _rng_state():
+    return random.getstate(), np.random.get_state(), torch.get_rng_state()
+
+
+def _set_rng_state(state):
+    random.setstate(state[0])
+    np.random.set_state(state[1])
+    torch.set_rng_state(state[2])
+
+
+def load_frozen_sr(config, dataset):
+    """The frozen SR for the Laser ``config``/``dataset``: from ``frozen_sr_checkpoint`` or the cache
+    (trained first when absent). Global RNG state is left as found, so Laser's own init is reproducible
+    whether or not the SR had to be trained."""
+    from recbole_llm.utils import get_model
+
+    sr_config = _build_sr_config(config)
+    given = config["frozen_sr_checkpoint"]
+    trust = bool(config["trust_pickled_checkpoint"]) if "trust_pickled_checkpoint" in config else False
+    if given:
+        if not os.path.isfile(given):
+            raise FileNotFoundError(f"frozen_sr_checkpoint '{given}' does not exist; expected a RecBole "
+                                    f"{config['frozen_sr_model']} checkpoint trained on '{config['dataset']}'.")
+        path = given
+    else:
+        path = cache_path(config, sr_config, data_digest(config))
+        if not os.path.isfile(path):
+            state = _rng_state()
+            try:
+                train_frozen_sr(sr_config, path, show_progress=config["show_progress"])
+            finally:
+                _set_rng_state(state)
+        else:
+            logger.info(f"Frozen {sr_config['model']} loaded from cache {path}")
+    checkpoint = load_checkpoint(path, map_location="cpu", trust_pickled_code=trust and bool(given))
+    state = _rng_state()
+    try:
+        recommender = get_model(sr_config["model"])(sr_config, dataset)
+    finally:
+        _set_rng_state(state)
+    try:
+        recommender.load_state_dict(checkpoint["state_dict"])
+    except (RuntimeError, KeyError) as err:
+        raise ValueError(
+            f"frozen SR checkpoint '{path}' does not fit a {sr_config['model']} with frozen_sr_* sizes and "
+            f"{dataset.item_num} items of dataset '{config['dataset']}': {str(err).splitlines()[0]}"
+        ) from None
+    return FrozenSR(recommender)

@@ -1,0 +1,270 @@
+r"""Laser: Parameter-Efficient LLM Bi-Tuning for Sequential Recommendation with Collaborative Information.
+
+Zhang et al., 2024. A frozen decoder LLM reads ``[P ; text ; s]``: the prefix P (L tokens from M-Former over the
+frozen SR's states C_u), the user's history as text (paper 3.1.1 template) and one trainable suffix vector s.
+The LLM's last hidden state at s is the user embedding h_u; an item is a one-item history and gives h_i the
+same way. Score = cos(h_u, h_i); loss = IIC (softmax over all items, temperature tau) + lambda * L_LB.
+
+Choices where the paper is silent:
+- Text is assembled from pre-tokenised pieces (instruction, ``"\n>> k."`` markers, each item's text) instead of
+  tokenising the whole string per batch; BPE merges across piece boundaries can differ slightly from
+  tokenising the full string, nothing else changes.
+- IIC scores h_u against the item matrix of the current epoch start (no grad), as the paper trains "on I";
+  ``iic_positive_grad: True`` additionally re-encodes the positive item with grad (its logit replaced).
+- The suffix starts as the LLM's [EOS] embedding (a token that already ends a text); the paper does not say.
+- Padding item 0 is excluded from the IIC softmax (it is not an item).
+- The LLM and the frozen SR are left out of ``state_dict()`` (they are never trained); a reload rebuilds
+  them from ``llm_path`` and the SR checkpoint/cache.
+"""
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from recbole.model.abstract_recommender import SequentialRecommender
+from recbole.utils import InputType, set_color
+from torch import nn
+from tqdm.auto import tqdm
+
+from recbole_llm.data.item_text import item_texts
+from recbole_llm.llm.encode import hidden_states_from_embeds, last_hidden_from_embeds
+from recbole_llm.llm.loader import hidden_size, input_embeddings, load_causal_lm
+from recbole_llm.model.frozen_sr import load_frozen_sr
+from recbole_llm.model.sequential_recommender.mformer import LinearPrefix, MFormer
+
+USER_INSTRUCTION = ("You are an intelligent recommendation assistant. Please summarize the user's characteristics "
+                    "into a single token based on the browsing history. In chronological order, the user has "
+                    "browsed the following items:")
+ITEM_INSTRUCTION = ("You are an intelligent recommendation assistant. Please summarize the item characteristics "
+                    "into a single token:")
+# Paper Table 6: the unified template and its three variants.
+TEMPLATES = {
+    "default": (USER_INSTRUCTION, USER_INSTRUCTION),
+    "no_single_token": (USER_INSTRUCTION.replace(" into a single token", ""),) * 2,
+    "no_instruction": ("", ""),
+    "item_instruction": (USER_INSTRUCTION, ITEM_INSTRUCTION),
+}
+POOLINGS = ("suffix", "mean", "eos")
+FROZEN_PREFIXES = ("llm.", "frozen_sr.")
+
+logger = logging.getLogger(__name__)
+
+
+class Laser(SequentialRecommender):
+    input_type = InputType.POINTWISE
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.temperature = config["temperature"]
+        self.lb_weight = config["lb_weight"]
+        self.pooling = config["pooling"]
+        self.use_prefix = config["use_prefix"]
+        self.iic_positive_grad = config["iic_positive_grad"]
+        self.encode_batch_size = config["encode_batch_size"]
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if config["template"] not in TEMPLATES:
+            raise ValueError(f"template must be one of {sorted(TEMPLATES)}, got {config['template']!r}")
+
+        # frozen parts
+        self.llm, self.tokenizer = load_causal_lm(config["llm_path"], device=self.device, dtype=config["llm_dtype"],
+                                                  num_layers=config["llm_num_layers"],
+                                                  trust_remote_code=config["llm_trust_remote_code"])
+        self.llm_size = hidden_size(self.llm)
+        self.llm_dtype = next(self.llm.parameters()).dtype
+        self.frozen_sr = load_frozen_sr(config, dataset).to(self.device)
+
+        # trainable parts: prefix generator and suffix
+        self.prefix_module = self._build_prefix_module(config) if self.use_prefix else None
+        eos = self.tokenizer.eos_token_id
+        self.register_buffer("eos_ids", torch.tensor([eos], dtype=torch.long), persistent=False)
+        if self.pooling == "suffix":
+            start = input_embeddings(self.llm).weight[eos].detach().float().clone()
+            self.suffix = nn.Parameter(start)
+
+        self._tokenise_pieces(config, dataset)
+
+        # item matrix of the current stage (rows L2-normalised; row 0 = padding), cached between refreshes
+        self.item_matrix = None
+        self.item_matrix_version = -1
+        self.param_version = 0  # bumped by the trainer after every optimizer step
+        self.training_stage = 1
+        self.other_parameter_name = ["item_matrix", "item_matrix_version", "param_version", "training_stage"]
+        self._log_parameter_counts()
+
+    # ------------------------------------------------------------------------------------------ building
+    def _build_prefix_module(self, config):
+        collab_size = self.frozen_sr.hidden_size
+        if not config["use_mformer"]:
+            return LinearPrefix(collab_size, self.llm_size, config["n_query_tokens"])
+        return MFormer(
+            collab_size, self.llm_size,
+            n_experts=config["n_experts"] if config["use_moe"] else 1,
+            n_query_tokens=config["n_query_tokens"], hidden_size=config["mformer_hidden_size"],
+            n_layers=config["mformer_n_layers"], n_heads=config["mformer_n_heads"],
+            inner_size=config["mformer_inner_size"], dropout=config["mformer_dropout"],
+            router_gradient=config["router_gradient"],
+        )
+
+    def _ids(self, text):
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def _tokenise_pieces(self, config, dataset):
+        """Token ids of every template piece and every item text, once."""
+        user_instruction, item_instruction = TEMPLATES[config["template"]]
+        self.user_head_ids = self._ids(user_instruction)
+        self.item_head_ids = self._ids(item_instruction)
+        self.marker_ids = [self._ids(f"\n>> {k}.") for k in range(1, self.max_seq_length + 1)]
+        texts = item_texts(dataset, config)
+        if len(texts) != self.n_items:
+            raise ValueError(f"item_texts gave {len(texts)} texts for {self.n_items} items of '{config['dataset']}'")
+        max_tokens = config["item_text_max_tokens"]
+        encoded = self.tokenizer([" " + t for t in texts[1:]], add_special_tokens=False)["input_ids"]
+        self.item_text_ids = [[]] + [ids[:max_tokens] if max_tokens else ids for ids in encoded]
+
+    def _log_parameter_counts(self):
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        llm = sum(p.numel() for p in self.llm.parameters())
+        logger.info(set_color("Laser parameters", "blue") + f": trainable {trainable:,} "
+                    f"({100.0 * trainable / max(total, 1):.3f}% of {total:,} total; frozen LLM {llm:,}, "
+                    f"frozen SR {sum(p.numel() for p in self.frozen_sr.parameters()):,})")
+
+    # ----------------------------------------------------------------------------------- frozen-part care
+    def train(self, mode=True):
+        super().train(mode)
+        self.llm.eval()  # frozen: never in training mode
+        return self
+
+    def state_dict(self, *args, **kwargs):
+        state = super().state_dict(*args, **kwargs)
+        for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
+            del state[key]
+        return state
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if not k.startswith(FROZEN_PREFIXES)]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"Laser.load_state_dict: missing keys {missing}, unexpected keys "
+                               f"{result.unexpected_keys} (does the checkpoint match this config?)")
+        return result
+
+    def mark_parameters_updated(self):
+        """Called after each optimizer step: the cached item matrix is now stale."""
+        self.param_version += 1
+
+    # ----------------------------------------------------------------------------------------- encoding
+    def user_token_ids(self, item_seq, item_seq_len):
+        """Token ids of each user's text: instruction + ``>> k. <item text>`` lines, oldest first."""
+        rows = []
+        for seq, length in zip(item_seq.tolist(), item_seq_len.tolist()):
+            ids = list(self.user_head_ids)
+            for k in range(length):
+                ids += self.marker_ids[k] + self.item_text_ids[seq[k]]
+            rows.append(ids)
+        return rows
+
+    def item_token_ids(self, items):
+        return [self.item_head_ids + self.marker_ids[0] + self.item_text_ids[i] for i in items.tolist()]
+
+    def _inputs_embeds(self, token_ids, prefix):
+        """Left-padded inputs_embeds [B, T, d] = [P ; text ; s] per row, and the attention mask [B, T]."""
+        embed = input_embeddings(self.llm)
+        flat = torch.tensor([t for ids in token_ids for t in ids], dtype=torch.long, device=self.device)
+        text = embed(flat).split([len(ids) for ids in token_ids])
+        if self.pooling == "suffix":
+            tail = self.suffix.to(self.llm_dtype).unsqueeze(0)
+        elif self.pooling == "eos":
+            tail = embed(self.eos_ids)
+        else:
+            tail = None
+        rows = []
+        for b, row_text in enumerate(text):
+            parts = ([prefix[b].to(self.llm_dtype)] if prefix is not None else []) + [row_text]
+            rows.append(torch.cat(parts + ([tail] if tail is not None else []), dim=0))
+        length = max(r.size(0) for r in rows)
+        embeds = torch.stack([F.pad(r, (0, 0, length - r.size(0), 0)) for r in rows])
+        mask = torch.zeros(len(rows), length, dtype=torch.long, device=self.device)
+        for b, r in enumerate(rows):
+            mask[b, length - r.size(0):] = 1
+        return embeds, mask
+
+    def encode(self, token_ids, collab, collab_mask):
+        """h [B, d_llm] (float32) for texts ``token_ids`` with collaborative states C [B, N, d_i]; and L_LB."""
+        prefix, lb_loss = None, torch.zeros((), device=self.device)
+        if self.prefix_module is not None:
+            prefix, lb_loss, _ = self.prefix_module(collab, collab_mask)
+        embeds, mask = self._inputs_embeds(token_ids, prefix)
+        if self.pooling == "mean":
+            states = hidden_states_from_embeds(self.llm, embeds, mask).float()
+            weights = mask.unsqueeze(-1).float()
+            return (states * weights).sum(1) / weights.sum(1).clamp(min=1.0), lb_loss
+        return last_hidden_from_embeds(self.llm, embeds, mask).float(), lb_loss
+
+    def forward(self, item_seq, item_seq_len):
+        """User embeddings h_u [B, d_llm] and L_LB."""
+        collab, collab_mask = self.frozen_sr(item_seq, item_seq_len)
+        return self.encode(self.user_token_ids(item_seq, item_seq_len), collab, collab_mask)
+
+    def encode_items(self, items):
+        """Item embeddings h_i [B, d_llm]: each item as a one-item history (its own one-item C too)."""
+        item_seq = items.unsqueeze(1)
+        collab, collab_mask = self.frozen_sr(item_seq, torch.ones_like(items))
+        return self.encode(self.item_token_ids(items), collab, collab_mask)[0]
+
+    @torch.no_grad()
+    def refresh_item_matrix(self, force=False, show_progress=True):
+        """Recompute every item's embedding with the current weights, unless nothing changed since the last
+        refresh. Batched by text length (less padding); eval mode (no dropout). Returns True if recomputed."""
+        if not force and self.item_matrix is not None and self.item_matrix_version == self.param_version:
+            return False
+        was_training = self.training
+        self.eval()
+        items = sorted(range(1, self.n_items), key=lambda i: len(self.item_text_ids[i]))
+        matrix = torch.zeros(self.n_items, self.llm_size, device=self.device)
+        batches = [items[i:i + self.encode_batch_size] for i in range(0, len(items), self.encode_batch_size)]
+        for batch in tqdm(batches, desc=set_color("Item embeddings", "pink"), disable=not show_progress, ncols=100):
+            index = torch.tensor(batch, dtype=torch.long, device=self.device)
+            matrix[index] = F.normalize(self.encode_items(index), dim=-1)
+        self.item_matrix = matrix
+        self.item_matrix_version = self.param_version
+        self.train(was_training)
+        return True
+
+    def _require_item_matrix(self):
+        if self.item_matrix is None:
+            self.refresh_item_matrix(show_progress=False)
+        return self.item_matrix
+
+    # -------------------------------------------------------------------------------------- RecBole API
+    def calculate_loss(self, interaction):
+        item_seq = interaction[self.ITEM_SEQ]
+        item_seq_len = interaction[self.ITEM_SEQ_LEN]
+        pos_items = interaction[self.POS_ITEM_ID]
+        item_matrix = self._require_item_matrix()
+        user, lb_loss = self.forward(item_seq, item_seq_len)
+        logits = F.normalize(user, dim=-1) @ item_matrix.t() / self.temperature
+        if self.iic_positive_grad:
+            positive = F.normalize(self.encode_items(pos_items), dim=-1)
+            fresh = (F.normalize(user, dim=-1) * positive).sum(-1) / self.temperature
+            logits = logits.scatter(1, pos_items.unsqueeze(1), fresh.unsqueeze(1))
+        logits[:, 0] = float("-inf")  # padding is not an item
+        iic_loss = F.cross_entropy(logits, pos_items)
+        return iic_loss, self.lb_weight * lb_loss
+
+    def _user_embeddings_chunked(self, item_seq, item_seq_len):
+        rows = []
+        for start in range(0, item_seq.size(0), self.encode_batch_size):
+            end = start + self.encode_batch_size
+            rows.append(self.forward(item_seq[start:end], item_seq_len[start:end])[0])
+        return F.normalize(torch.cat(rows), dim=-1)
+
+    def predict(self, interaction):
+        user = self._user_embeddings_chunked(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        return (user * self._require_item_matrix()[interaction[self.ITEM_ID]]).sum(-1)
+
+    def full_sort_predict(self, interaction):
+        """Cosine of each user with every item of the cached item matrix: [B, n_items]."""
+        user = self._user_embeddings_chunked(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        return user @ self._require_item_matrix().t()

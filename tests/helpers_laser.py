@@ -1,0 +1,92 @@
+"""Tiny data, tiny LLM and tiny configs for the Laser tests (no shared conftest needed)."""
+
+import os
+import random
+
+import torch
+
+from recbole_llm.llm.tiny import tiny_llm_dir
+
+WORDS = ["microscope", "beaker", "glass", "tube", "kit", "digital", "scale", "magnet", "battery", "cable",
+         "lamp", "gloves", "safety", "steel", "plastic", "thermometer", "pen", "paper"]
+BRANDS = ["Acme", "Labco", "Sci", "Kit"]
+
+
+def write_tiny_dataset(root, name="tiny-laser", n_users=24, n_items=16, seed=0):
+    """Atomic files for ``name`` under ``root/name``: users with 5-9 chronological interactions; items with
+    title/brand/categories. Items follow a cyclic order per user so that the next item is learnable."""
+    rng = random.Random(seed)
+    folder = os.path.join(str(root), name)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{name}.item"), "w") as f:
+        f.write("item_id:token\ttitle:token\tbrand:token\tcategories:token_seq\n")
+        for i in range(n_items):
+            title = " ".join(rng.sample(WORDS, 2)) + f" {i}"
+            f.write(f"i{i}\t{title}\t{BRANDS[i % len(BRANDS)]}\tscience|lab {i % 3}\n")
+    with open(os.path.join(folder, f"{name}.inter"), "w") as f:
+        f.write("user_id:token\titem_id:token\ttimestamp:float\n")
+        for u in range(n_users):
+            start = rng.randrange(n_items)
+            for t in range(rng.randint(5, 9)):
+                f.write(f"u{u}\ti{(start + t) % n_items}\t{t}\n")
+    return folder
+
+
+def tiny_config_dict(root, name="tiny-laser", **overrides):
+    """Laser config for the tiny dataset, tiny LLM and a tiny M-Former / frozen BERT4Rec."""
+    config = {
+        "data_path": str(root),
+        "checkpoint_dir": os.path.join(str(root), "saved"),
+        "USER_ID_FIELD": "user_id", "ITEM_ID_FIELD": "item_id", "TIME_FIELD": "timestamp", "RATING_FIELD": None,
+        "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "title", "brand", "categories"]},
+        "seq_separator": "|",
+        "user_inter_num_interval": None, "item_inter_num_interval": None,
+        "item_text_fields": ["title", "brand", "categories"],
+        "MAX_ITEM_LIST_LENGTH": 5,
+        "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "full"},
+        "metrics": ["Recall", "NDCG", "MRR"], "topk": [10], "valid_metric": "NDCG@10",
+        "llm_path": tiny_llm_dir(),
+        "device": "cpu", "use_gpu": False, "show_progress": False, "seed": 2020, "reproducibility": True,
+        "state": "ERROR",
+        "frozen_sr_hidden_size": 16, "frozen_sr_inner_size": 32, "frozen_sr_epochs": 2,
+        "frozen_sr_batch_size": 64,
+        "n_experts": 3, "n_query_tokens": 2, "mformer_hidden_size": 16, "mformer_n_layers": 2,
+        "mformer_n_heads": 2, "mformer_inner_size": 32, "mformer_dropout": 0.0,
+        "item_text_max_tokens": 12,
+        "train_batch_size": 8, "eval_batch_size": 16, "encode_batch_size": 16,
+        "learning_rate": 0.01, "stage1_epochs": 1, "stage2_epochs": 1, "train_samples_per_epoch": 16,
+    }
+    config.update(overrides)
+    return config
+
+
+def build(root, name="tiny-laser", **overrides):
+    """(config, model, train_data, valid_data, test_data) for the tiny dataset."""
+    from recbole.data import create_dataset, data_preparation
+    from recbole.utils import init_seed
+
+    from recbole_llm.config import Config
+    from recbole_llm.model.sequential_recommender.laser import Laser
+
+    write_tiny_dataset(root, name)
+    config = Config(model="Laser", dataset=name, config_dict=tiny_config_dict(root, name, **overrides), cmd_args=[])
+    init_seed(config["seed"], config["reproducibility"])
+    dataset = create_dataset(config)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    init_seed(config["seed"], config["reproducibility"])
+    model = Laser(config, train_data._dataset)
+    return config, model, train_data, valid_data, test_data
+
+
+def first_batch(data):
+    for interaction in data:
+        return interaction
+
+
+def trainable_names(model):
+    return sorted(n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def seeded(seed=0):
+    torch.manual_seed(seed)
+    random.seed(seed)
