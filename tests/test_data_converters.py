@@ -201,3 +201,20 @@ def test_missing_fetchable_dataset_names_the_fetch_command(tmp_path):
     assert "python -m recbole_llm.data.amazon2018 fetch --category=Pet_Supplies --name=amazon-pet --out=dataset" \
         in message
     assert "convert --reviews=" in message
+
+
+# ---------------------------------------------------------------- dataset YAMLs
+
+@pytest.mark.parametrize("name, users, items", [("amazon-scientific", 8317, 4344), ("ml-100k", 943, 1349)])
+def test_dataset_yaml_loads_and_splits_for_sasrec(name, users, items):
+    from recbole.data import data_preparation
+
+    config, dataset = bundled(name)
+    assert config["MAX_ITEM_LIST_LENGTH"] == 20 and config["valid_metric"] == "NDCG@10"
+    assert config["eval_args"]["split"] == {"LS": "valid_and_test"}
+    assert config["eval_args"]["mode"] == {"valid": "full", "test": "full"}
+    assert config["train_neg_sample_args"]["distribution"] == "none"  # no negative sampling (CE losses)
+    assert config["item_text_fields"][0] in dataset.item_feat.columns  # title field loaded
+    assert (dataset.user_num - 1, dataset.item_num - 1) == (users, items)
+    train, valid, test = data_preparation(config, dataset)
+    assert len(test.dataset) == users  # one test target per user (leave-one-out)
