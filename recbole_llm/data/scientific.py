@@ -94,7 +94,8 @@ def convert(src, out, name=DATASET_NAME):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Convert the Amazon 2018 Scientific JSON pair to RecBole atomic files.")
+    parser = argparse.ArgumentParser(
+        description="Convert the Amazon 2018 Scientific JSON pair to RecBole atomic files.")
     parser.add_argument("--src", required=True, help=f"folder holding {INTER_JSON} and {ITEM_JSON}")
     parser.add_argument("--out", default="dataset", help="output root; files go to <out>/<name>/")
     parser.add_argument("--name", default=DATASET_NAME, help="dataset name (file prefix)")
