@@ -23,7 +23,9 @@ Choices where the paper/code is silent or would leak the future (the paper's cod
   k2 = ceil(n1 / m); the blocks are zero-padded at the end to m * k2, so the second conv gives exactly m
   segments, segment j spanning positions [j * k1 * k2, (j + 1) * k1 * k2). With n=50, k1=10, m=4:
   n1=5, k2=2, spans of 20 positions, the last segment starts at 60 >= n so it is empty and always masked.
-  Impossible settings (k1 > n, or m > n1 so that at least one segment has no first-level block) raise.
+  Settings that cannot give m segments of real blocks raise a ValueError naming the key: k1 > n, or
+  m > n1 (more segments than first-level blocks; e.g. the project's MAX_ITEM_LIST_LENGTH=20 with k1=10, m=4
+  gives n1=2, so use kernel_size <= 5 there).
 * Causality. The query at position t attends to segments 0..s(t), s(t) = t // (k1 * k2), of DownConv
   applied to the prefix x[0..t] with everything after t zeroed. Segments before s(t) only contain positions
   < t and equal the pooled full sequence; the current segment s(t) is computed per position in closed form
@@ -49,7 +51,7 @@ from torch import nn
 def segment_geometry(max_seq_length, kernel_size, seg_num):
     """(n1 first-level blocks, k2 second conv kernel/stride) giving exactly ``seg_num`` segments.
 
-    Raises ValueError naming the config key when the lengths cannot give ``seg_num`` non-empty-start segments.
+    Raises ValueError naming the config key when there are fewer first-level blocks than segments.
     """
     if kernel_size < 1 or seg_num < 1:
         raise ValueError(f"PAUP: 'kernel_size' ({kernel_size}) and 'seg_num' ({seg_num}) must be >= 1.")
