@@ -15,4 +15,8 @@ PLUGIN_MODELS = {
 # model name -> (module, trainer class name)
 PLUGIN_TRAINERS = {
     "Laser": ("recbole_llm.trainer.laser_trainer", "LaserTrainer"),
+    "CaserSeRALM": ("recbole_llm.trainer.alignment_trainer", "AlignmentTrainer"),
+    "SASRecSeRALM": ("recbole_llm.trainer.alignment_trainer", "AlignmentTrainer"),
+    "PAUPSeRALM": ("recbole_llm.trainer.alignment_trainer", "AlignmentTrainer"),
+    "LightSANsSeRALM": ("recbole_llm.trainer.alignment_trainer", "AlignmentTrainer"),
 }

@@ -1,0 +1,357 @@
+r"""AlignmentTrainer: SeRALM's alignment training (paper 4.4, Algorithm 1) around RecBole's Trainer.
+
+``fit`` runs three phases (the paper gives no schedule; this ordering is ours and explicit):
+
+- Phase A, warm-up (``align_warmup_epochs``, default 1): RecBole epochs of the recommender on the base
+  (unaligned) knowledge, so that p(y|x,s) is a meaningful signal when alignment starts.
+- Phase B, alignment (``alignment_epochs`` passes over the training data, or ``alignment_steps`` steps):
+  Algorithm 1 per batch (x, y). The generator job (``generator_mode``: sync | ray) samples knowledge s
+  with its LLM snapshot, encodes it, and returns p(y|x,s) (recommender snapshot), p(y|x) (frozen
+  recommender pre-trained without knowledge) and per-token log p_orig(s|x). The trainer then
+    line 5 / Eq. 9:  recommender step maximising log p(y|x,s) (its CE loss with s as knowledge override);
+    line 6 / Eq. 8:  LLM (LoRA) step on  -mean w * log p_theta(s|x) + alpha * KL(p_theta || p_orig),
+                     w = p(y|x,s)/p(y|x) detached (optionally clipped at ``align_ratio_clip``).
+  Snapshots go to the generator every ``refresh_every`` steps (paper: 50).
+- Phase C: knowledge of every item is regenerated with the aligned LLM (greedy, as the base knowledge;
+  cached under adapter_version = digest of the LoRA weights) and re-encoded; the model's knowledge
+  matrix is replaced; then RecBole's own ``fit`` trains and validates the recommender (early stopping,
+  checkpoints). The LoRA adapter is saved beside each checkpoint as ``<checkpoint>-lora.safetensors``.
+
+``alignment: False`` skips A-C: exactly RecBole's Trainer (the paper's Base+NA_LLM).
+"""
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections import deque
+
+import torch
+import yaml
+from recbole.trainer import Trainer
+from recbole.utils import set_color
+from tqdm.auto import tqdm
+
+from recbole_llm.checkpoint import load_checkpoint
+from recbole_llm.trainer.alignment_loss import alignment_llm_loss, importance_weights
+from recbole_llm.trainer.generator import (
+    KnowledgeEncoder,
+    RayGenerator,
+    SyncGenerator,
+    build_lora_llm,
+    generator_options,
+    item_prompts,
+    lora_state,
+    state_digest,
+)
+from recbole_llm.trainer.safe import SafeCheckpointMixin
+
+GENERATOR_MODES = ("sync", "ray")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def _cfg(config, key, default=None):
+    value = config[key] if key in config else None
+    return default if value is None else value
+
+
+# --------------------------------------------------------------------------- frozen base recommender
+def base_model_name(config):
+    """``frozen_base_model`` or the SeRALM variant's base architecture (SASRecSeRALM -> SASRec)."""
+    name = _cfg(config, "frozen_base_model")
+    if name:
+        return name
+    model = str(config["model"])
+    if not model.endswith("SeRALM"):
+        raise ValueError(f"frozen_base_model is not set and model '{model}' is not a <Base>SeRALM name; "
+                         "set frozen_base_model to the RecBole model that gives p(y|x).")
+    return model[: -len("SeRALM")]
+
+
+def _model_yaml_keys(name):
+    """Hyperparameter keys of a model: its RecBole YAML, or the plugin's."""
+    import recbole
+
+    from recbole_llm.config import plugin_model_yaml
+
+    keys = set()
+    for path in (os.path.join(os.path.dirname(recbole.__file__), "properties", "model", f"{name}.yaml"),
+                 plugin_model_yaml(name)):
+        if path and os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                keys.update((yaml.safe_load(f) or {}).keys())
+    return keys
+
+
+def frozen_base_config_dict(config, name):
+    """Config of the frozen base: the SeRALM run's data/split keys and the base architecture's own
+    hyperparameters taken from the SeRALM config (same sizes), trained for ``frozen_base_epochs``."""
+    from recbole_llm.model.frozen_sr import DATA_KEYS
+
+    values = {k: config[k] for k in DATA_KEYS if k in config and config[k] is not None}
+    for key in _model_yaml_keys(name) | {"learning_rate", "train_batch_size", "stopping_step", "weight_decay",
+                                          "loss_type", "eval_step"}:
+        if key in config and config[key] is not None:
+            values[key] = config[key]
+    if "data_path" in values:  # RecBole's final data_path already ends with the dataset's folder
+        values["data_path"] = os.path.dirname(os.path.normpath(str(values["data_path"])))
+    values.update(loss_type="CE", train_neg_sample_args=None, device=str(config["device"]),
+                  epochs=int(_cfg(config, "frozen_base_epochs", config["epochs"])))
+    return values
+
+
+def load_frozen_base(config, dataset):
+    """The frozen recommender giving p(y|x): from ``frozen_base_checkpoint``, else trained once on the same
+    data/split and cached (``frozen_base_cache_dir`` or <checkpoint_dir>/frozen_base), keyed by the dataset
+    files' digest and the base's config. Reuses recbole_llm.model.frozen_sr's trainer/cache helpers (that
+    module's loader is Laser-specific: BERT4Rec/SASRec only). Global RNG state is left as found."""
+    from recbole_llm.config import Config
+    from recbole_llm.model.frozen_sr import _rng_state, _set_rng_state, data_digest, train_frozen_sr
+    from recbole_llm.utils import get_model
+
+    name = base_model_name(config)
+    values = frozen_base_config_dict(config, name)
+    state = _rng_state()
+    try:
+        base_config = Config(model=name, dataset=config["dataset"], config_dict=values, cmd_args=[])
+        given = _cfg(config, "frozen_base_checkpoint")
+        if given:
+            if not os.path.isfile(given):
+                raise FileNotFoundError(f"frozen_base_checkpoint '{given}' does not exist; expected a {name} "
+                                        f"checkpoint trained on '{config['dataset']}' without knowledge.")
+            path = given
+        else:
+            text = json.dumps({k: values[k] for k in sorted(values) if k not in ("device", "checkpoint_dir",
+                              "state", "show_progress", "worker")}, sort_keys=True, default=str)
+            key = hashlib.sha256((text + data_digest(config)).encode()).hexdigest()[:16]
+            folder = _cfg(config, "frozen_base_cache_dir") or os.path.join(config["checkpoint_dir"], "frozen_base")
+            path = os.path.join(folder, f"{name}-{config['dataset']}-{key}.pth")
+            if not os.path.isfile(path):
+                train_frozen_sr(base_config, path, show_progress=bool(config["show_progress"]))
+        trust = bool(_cfg(config, "trust_pickled_checkpoint", False)) and bool(given)
+        checkpoint = load_checkpoint(path, map_location="cpu", trust_pickled_code=trust)
+        model = get_model(name)(base_config, dataset)
+        try:
+            model.load_state_dict(checkpoint["state_dict"])
+        except (RuntimeError, KeyError) as err:
+            raise ValueError(f"frozen base checkpoint '{path}' does not fit a {name} on dataset "
+                             f"'{config['dataset']}': {str(err).splitlines()[0]}") from None
+    finally:
+        _set_rng_state(state)
+    model.to(config["device"]).eval()
+    model.requires_grad_(False)
+    return model
+
+
+# ------------------------------------------------------------------------------------------ adapter
+def adapter_path(checkpoint_file):
+    """Where the LoRA adapter of a checkpoint lives: beside it, ``<name>-lora.safetensors``."""
+    root, _ = os.path.splitext(checkpoint_file)
+    return root + "-lora.safetensors"
+
+
+def save_adapter(state, path, version):
+    """safetensors file of the LoRA state, written atomically (temp file + rename)."""
+    from safetensors.torch import save_file
+
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata={"adapter_version": version})
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# ------------------------------------------------------------------------------------------ trainer
+class AlignmentTrainer(SafeCheckpointMixin, Trainer):
+    """RecBole Trainer plus SeRALM alignment (phases A-C above) when ``alignment`` is True."""
+
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        self.alignment = bool(_cfg(config, "alignment", True))
+        self.alpha = float(_cfg(config, "alpha", 0.1))
+        ratio_clip = _cfg(config, "align_ratio_clip")
+        self.ratio_clip = None if ratio_clip is None else float(ratio_clip)
+        self.kl_estimator = _cfg(config, "kl_estimator", "k2")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}.")
+        self.generator_mode = _cfg(config, "generator_mode", "sync")
+        if self.generator_mode not in GENERATOR_MODES:
+            raise ValueError(f"generator_mode must be one of {GENERATOR_MODES}, got {self.generator_mode!r}.")
+        self.refresh_every = int(_cfg(config, "refresh_every", 50))
+        self.llm = self.tokenizer = None
+        self.adapter_version = None
+        self.aligned = False
+        self.alignment_log = []  # per step: losses, weights, timings
+
+    # ----------------------------------------------------------------------------------- fit
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        if self.alignment and not self.aligned:
+            self.align(train_data, show_progress=show_progress)
+        return super().fit(train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress,
+                           callback_fn=callback_fn)
+
+    def align(self, train_data, show_progress=False):
+        """Phases A (warm-up), B (Algorithm 1) and C (regenerate + re-encode all knowledge)."""
+        dataset = train_data._dataset
+        warmup = int(_cfg(self.config, "align_warmup_epochs", 1))
+        for epoch in range(warmup):
+            loss = self._train_epoch(train_data, epoch, show_progress=show_progress)
+            self.logger.info(set_color(f"alignment phase A (warm-up) epoch {epoch}", "green") + f": loss {loss}")
+        self.llm, self.tokenizer = build_lora_llm(self.config, device=self.device)
+        self.alignment_steps(train_data, dataset, show_progress=show_progress)
+        self.regenerate_knowledge(dataset, show_progress=show_progress)
+        self.aligned = True
+
+    def _planned_steps(self, train_data):
+        steps = _cfg(self.config, "alignment_steps")
+        if steps is not None:
+            return int(steps)
+        return int(_cfg(self.config, "alignment_epochs", 1)) * len(train_data)
+
+    def make_generator(self, dataset, frozen_base):
+        options = generator_options(self.config)
+        prompts = item_prompts(dataset, self.config, self.tokenizer)
+        encode = KnowledgeEncoder(self.config, device=self.device)
+        if self.generator_mode == "ray":
+            gpus = _cfg(self.config, "generator_num_gpus", 0)
+            return RayGenerator(self.config, prompts, self.model, frozen_base, encode, options, self.refresh_every,
+                                ray_address=_cfg(self.config, "ray_address"),
+                                num_cpus=int(_cfg(self.config, "generator_num_cpus", 1)), num_gpus=gpus,
+                                prefetch=int(_cfg(self.config, "generator_prefetch", 2)))
+        return SyncGenerator(self.llm, self.tokenizer, prompts, self.model, frozen_base, encode, options,
+                             self.refresh_every)
+
+    def snapshot(self):
+        """(LoRA state, recommender state) as CPU copies: what the trainer job sends the generator."""
+        return lora_state(self.llm), {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+    def alignment_steps(self, train_data, dataset, show_progress=False):
+        """Phase B: Algorithm 1 over ``alignment_epochs`` passes (or ``alignment_steps`` steps)."""
+        total = self._planned_steps(train_data)
+        if total <= 0:
+            return
+        frozen_base = load_frozen_base(self.config, dataset)
+        params = [p for p in self.llm.parameters() if p.requires_grad]
+        llm_optimizer = torch.optim.AdamW(params, lr=float(_cfg(self.config, "llm_learning_rate", 1e-4)),
+                                          weight_decay=0.0)
+        depth = 1 + (int(_cfg(self.config, "generator_prefetch", 2)) if self.generator_mode == "ray" else 0)
+        seed = int(self.config["seed"])
+        pending = deque()
+        submitted = 0
+        batches = self._batches(train_data, total)
+        generator = self.make_generator(dataset, frozen_base)
+        self.generator_refresh_steps = generator.refresh_steps
+        try:
+            with tqdm(total=total, desc="Alignment (Algorithm 1)", disable=not show_progress) as bar:
+                for step in range(total):
+                    generator.maybe_refresh(step, self.snapshot)
+                    while len(pending) < depth:
+                        interaction = next(batches, None)
+                        if interaction is None:
+                            break
+                        pending.append(interaction)
+                        generator.submit(interaction, seed + submitted)  # reproducible sampling per batch
+                        submitted += 1
+                    if not pending:
+                        break
+                    interaction = pending.popleft()
+                    start = time.perf_counter()
+                    sample = generator.next()
+                    waited = time.perf_counter() - start
+                    record = self.alignment_step(interaction, sample, llm_optimizer)
+                    record.update(step=step, generator_wait_s=waited, step_s=time.perf_counter() - start)
+                    self.alignment_log.append(record)
+                    bar.update(1)
+                    if step % max(1, int(_cfg(self.config, "log_every", 50))) == 0 or step == total - 1:
+                        self.logger.info(set_color(f"alignment step {step}/{total}", "green") + ": " + ", ".join(
+                            f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float)))
+        finally:
+            generator.close()
+
+    def _batches(self, train_data, total):
+        """Training batches, cycling over epochs until ``total`` have been produced."""
+        produced = 0
+        epoch = 0
+        while produced < total:
+            for interaction in train_data:
+                yield interaction
+                produced += 1
+                if produced >= total:
+                    return
+            epoch += 1
+
+    def alignment_step(self, interaction, sample, llm_optimizer):
+        """Lines 5-6 of Algorithm 1 for one batch and its generator sample; returns logged numbers."""
+        from recbole_llm.llm.generate import sequence_logprobs
+
+        interaction = interaction.to(self.device)
+        # Line 5 / Eq. 9: the recommender maximises log p(y|x,s) with the sampled knowledge as input.
+        self.model.train()
+        override = {item: sample["knowledge"][u].to(self.device) for u, item in enumerate(sample["items"])}
+        self.optimizer.zero_grad()
+        rec_loss = self.model.calculate_loss(interaction, knowledge_override=override)
+        if isinstance(rec_loss, tuple):
+            rec_loss = sum(rec_loss)
+        self._check_nan(rec_loss)
+        rec_loss.backward()
+        if self.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), **self.clip_grad_norm)
+        self.optimizer.step()
+
+        # Line 6 / Eq. 8: the LLM's weighted log-likelihood of s plus the per-token KL penalty.
+        self.llm.train()
+        token_logps = sequence_logprobs(self.llm, sample["prompt_ids"], sample["gen_ids"],
+                                        batch_size=int(_cfg(self.config, "align_generation_batch_size", 32)),
+                                        pad_token_id=self.tokenizer.pad_token_id)
+        weights = importance_weights(sample["logp_rec_s"], sample["logp_rec_base"], self.ratio_clip)
+        llm_loss, stats = alignment_llm_loss(token_logps, sample["orig_token_logps"], weights,
+                                             sample["membership"], self.alpha, self.kl_estimator)
+        llm_optimizer.zero_grad()
+        llm_loss.backward()
+        llm_optimizer.step()
+        self.llm.eval()
+        stats.update(rec_loss=float(rec_loss.detach()), llm_loss=float(llm_loss.detach()),
+                     texts=len(sample["items"]), snapshot_step=sample["snapshot_step"])
+        return stats
+
+    def regenerate_knowledge(self, dataset, show_progress=False):
+        """Phase C: every item's knowledge from the aligned LLM, re-encoded; replaces the model's matrix."""
+        from recbole_llm.data.knowledge import encode_knowledge, generate_knowledge
+
+        state = lora_state(self.llm)
+        self.adapter_version = "lora-" + state_digest(state)
+        self.llm.eval()
+        texts = generate_knowledge(dataset, self.config, llm=self.llm, tokenizer=self.tokenizer,
+                                   adapter_version=self.adapter_version, progress=show_progress)
+        vectors = encode_knowledge(texts, self.config, progress=show_progress)
+        self.model.set_knowledge_vectors(vectors)
+        self.logger.info(set_color("alignment phase C", "green")
+                         + f": knowledge regenerated with adapter {self.adapter_version}")
+
+    # ---------------------------------------------------------------------------- checkpoints
+    def _checkpoint_state(self, epoch):
+        state = super()._checkpoint_state(epoch)
+        state["lora_adapter_version"] = self.adapter_version
+        return state
+
+    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+        saved_model_file = kwargs.get("saved_model_file", self.saved_model_file)
+        super()._save_checkpoint(epoch, verbose=verbose, **kwargs)
+        if self.llm is not None and (self.config["single_spec"] or self.config["local_rank"] == 0):
+            save_adapter(lora_state(self.llm), adapter_path(saved_model_file), self.adapter_version or "")
+
+    def resume_checkpoint(self, resume_file):
+        """RecBole resume; a checkpoint written after alignment (it records the adapter version) holds the
+        aligned knowledge matrix in its state_dict, so alignment is not run again."""
+        super().resume_checkpoint(resume_file)
+        checkpoint = self._load_checkpoint_file(resume_file)
+        if checkpoint.get("lora_adapter_version"):
+            self.adapter_version = checkpoint["lora_adapter_version"]
+            self.aligned = True

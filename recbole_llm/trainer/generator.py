@@ -1,0 +1,435 @@
+"""SeRALM's generator job (paper 4.4, "Asynchronous generation during training", Figure 4).
+
+For a training batch (x, y) the generator job (Algorithm 1, lines 3-4):
+  1. samples knowledge s for the batch's items from the LLM with its adapter SNAPSHOT theta_l';
+  2. scores s under the original LLM (adapter disabled): per-token log p_orig(s|x), for the KL penalty;
+  3. encodes s with the text encoder and computes log p(y|x,s) with the recommender SNAPSHOT theta_r';
+  4. computes log p(y|x) with the frozen recommender pre-trained without knowledge.
+The trainer job (lines 5-6) consumes these batches and sends a new snapshot every ``refresh_every``
+trainer steps (paper: 50; the slow_refresh ablation: 3000). With ``refresh_every: 1`` and the sync
+generator this is Algorithm 1 exactly.
+
+Which items get sampled knowledge: the paper samples "one s from p(s|x)" where x is the history; we
+sample one text for each of the ``align_history_items`` most recent history items of every instance
+(default 1: the last item). Instances of a batch that share an item share that item's sample (one draw
+per distinct item and batch), so the recommender can take the sampled vectors as one batch override;
+log p(s|x) of an instance is the sum over its items' texts.
+
+Two interchangeable jobs:
+- ``SyncGenerator``: same process, computes a batch when the trainer asks for it, with the snapshot
+  (debugging, deterministic);
+- ``RayGenerator``: a Ray actor holding its own LLM, recommender and frozen recommender; it receives
+  snapshots as state dicts (LoRA parameters only for the LLM) and works through submitted batches
+  while the trainer trains. Ray is imported only here.
+"""
+
+import contextlib
+import copy
+import hashlib
+import logging
+from collections import deque
+
+import torch
+import torch.nn.functional as F
+
+from recbole_llm.trainer.alignment_loss import membership_matrix
+
+logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------ LoRA LLM
+def _cfg(config, key, default=None):
+    try:
+        value = config[key]
+    except (KeyError, TypeError):
+        return default
+    return default if value is None else value
+
+
+def lora_config_from(config):
+    """peft LoraConfig from ``lora_r``, ``lora_alpha``, ``lora_dropout``, ``lora_target_modules``."""
+    from peft import LoraConfig
+
+    targets = _cfg(config, "lora_target_modules", ["q_proj", "v_proj"])
+    if isinstance(targets, str):
+        targets = [targets]
+    r = int(_cfg(config, "lora_r", 8))
+    if r <= 0:
+        raise ValueError(f"lora_r must be a positive integer, got {r}.")
+    return LoraConfig(r=r, lora_alpha=float(_cfg(config, "lora_alpha", 16)),
+                      lora_dropout=float(_cfg(config, "lora_dropout", 0.05)),
+                      target_modules=list(targets), bias="none", task_type="CAUSAL_LM")
+
+
+def build_lora_llm(config, device=None):
+    """The frozen LLM of ``llm_path`` (bundled SmolLM2 when unset) with fresh LoRA adapters (B = 0, so
+    it starts identical to the original LLM); only the LoRA parameters are trainable."""
+    from peft import get_peft_model
+
+    from recbole_llm.llm.loader import load_causal_lm
+
+    llm, tokenizer = load_causal_lm(
+        _cfg(config, "llm_path"), device=device if device is not None else _cfg(config, "llm_device"),
+        dtype=_cfg(config, "llm_dtype", "auto"), num_layers=_cfg(config, "llm_num_layers"))
+    seed = int(_cfg(config, "seed", 0))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # LoRA A init is random: same seed, same adapter in trainer and actor
+        try:
+            model = get_peft_model(llm, lora_config_from(config))
+        except ValueError as err:
+            raise ValueError(f"lora_target_modules={_cfg(config, 'lora_target_modules')!r} does not fit the LLM "
+                             f"({err}); expected names of its attention projections, e.g. [q_proj, v_proj].") from None
+    # LoRA weights stay fp32 even when the base LLM is half precision (stable small updates).
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    return model, tokenizer
+
+
+def lora_state(model):
+    """The LoRA parameters only, as CPU tensor copies (what a snapshot sends)."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
+
+
+def load_lora_state(model, state):
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, state)
+    unexpected = getattr(result, "unexpected_keys", None) or []
+    if unexpected:
+        raise ValueError(f"LoRA state holds keys the LLM does not have, e.g. {unexpected[0]!r}.")
+
+
+def state_digest(state):
+    """16-hex digest of a state dict's tensors (names + values); the adapter version of the knowledge."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().to("cpu").contiguous()
+        digest.update(key.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.float().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _lora_params(model):
+    return {n: p for n, p in model.named_parameters() if "lora_" in n}
+
+
+@contextlib.contextmanager
+def swapped_lora(model, snapshot_params):
+    """Temporarily put the snapshot's LoRA values into ``model`` (same process, no second LLM copy)."""
+    params = _lora_params(model)
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(snapshot_params[n])
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
+
+
+# ------------------------------------------------------------------------------------ recommenders
+def base_log_prob(model, interaction):
+    """log p(y|x) under a plain RecBole sequential model: log-softmax of its full-ranking scores, read at
+    the target item. Same normalisation as SeRALMMixin.target_log_prob (all item ids, padding included,
+    whose zero vector scores 0 in both), so the ratio p(y|x,s)/p(y|x) compares like with like."""
+    scores = model.full_sort_predict(interaction).float()
+    scores = scores.view(interaction[model.POS_ITEM_ID].size(0), -1)
+    target = interaction[model.POS_ITEM_ID].long()
+    return F.log_softmax(scores, dim=-1).gather(1, target.unsqueeze(1)).squeeze(1)
+
+
+def select_history_items(item_seq, item_seq_len, count):
+    """The ``count`` most recent real items of each (right-padded) history, as lists of ints."""
+    out = []
+    for row, length in zip(item_seq.tolist(), item_seq_len.tolist()):
+        length = int(length)
+        items = [i for i in row[max(0, length - count):length] if i != 0]
+        out.append(items)
+    return out
+
+
+class KnowledgeEncoder:
+    """texts -> sentence vectors [n, d_text] with the config's text encoder, exactly as the knowledge
+    matrix is encoded (mean pooling, L2-normalised, ``knowledge_encoder_max_length``), without the disk
+    cache or the padding row of ``encode_knowledge``. Loads the encoder on first use (picklable before)."""
+
+    def __init__(self, config, device=None):
+        from recbole_llm.data.knowledge import cfg
+
+        self.path = cfg(config, "encoder_path")
+        self.max_length = int(cfg(config, "knowledge_encoder_max_length"))
+        self.device = device
+        self.encoder = None
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["encoder"] = None
+        return state
+
+    def __call__(self, texts):
+        from recbole_llm.llm.encode import mean_pool_encode
+        from recbole_llm.llm.loader import load_text_encoder
+
+        if self.encoder is None:
+            self.encoder = load_text_encoder(self.path, device=self.device)
+        model, tokenizer = self.encoder
+        return mean_pool_encode(model, tokenizer, list(texts), max_length=self.max_length, normalize=True,
+                                progress=False)
+
+
+def item_prompts(dataset, config, tokenizer):
+    """The knowledge prompt (chat template applied) of every item, by internal id ("" for padding)."""
+    from recbole_llm.data.knowledge import item_source_texts, knowledge_prompts
+
+    texts = item_source_texts(dataset, config)
+    return [""] + knowledge_prompts(texts[1:], tokenizer)
+
+
+# ---------------------------------------------------------------------------------------- the work
+class GeneratorCore:
+    """One generator batch from fixed snapshot parameters; shared by the sync job and the Ray actor.
+
+    Args:
+        llm: peft model (base LLM + LoRA); tokenizer: its left-padding tokenizer.
+        prompts: list indexed by item id of the full prompt string (chat template applied).
+        recommender: a SeRALM model (``target_log_prob(interaction, knowledge_override)``) used as the
+            snapshot theta_r'; this object is owned by the core (pass a copy).
+        frozen_base: plain RecBole model pre-trained without knowledge (eval, no grad).
+        encode: callable list[str] -> Tensor [n, d_text] (the text encoder).
+        options: dict with history_items, max_new_tokens, temperature, top_p, repetition_penalty,
+            gen_batch_size, seed.
+    """
+
+    def __init__(self, llm, tokenizer, prompts, recommender, frozen_base, encode, options):
+        self.llm, self.tokenizer, self.prompts = llm, tokenizer, prompts
+        self.recommender, self.frozen_base, self.encode = recommender, frozen_base, encode
+        self.options = dict(options)
+        self.recommender.eval()
+        self.recommender.requires_grad_(False)
+        self.frozen_base.eval()
+        self.frozen_base.requires_grad_(False)
+        self.snapshot = None  # LoRA parameter values by parameter name
+        self.snapshot_step = None
+        self.snapshot_digest = None
+
+    def load_snapshot(self, lora, rec_state, step):
+        """Install a snapshot: LoRA state (peft state-dict keys) and the recommender's state dict."""
+        named = _lora_params(self.llm)
+        values = _lora_values_by_param(self.llm, lora)
+        missing = set(named) - set(values)
+        if missing:
+            raise ValueError(f"LoRA snapshot misses {len(missing)} parameters, e.g. {sorted(missing)[0]!r}.")
+        self.snapshot = {n: values[n].to(p.device, p.dtype) for n, p in named.items()}
+        device = next(self.recommender.parameters()).device
+        self.recommender.load_state_dict({k: v.to(device) for k, v in rec_state.items()})
+        self.snapshot_step = step
+        self.snapshot_digest = state_digest(lora)
+
+    @torch.no_grad()
+    def produce(self, interaction, seed=None):
+        """(s, log p(y|x,s), log p(y|x), per-token log p_orig(s|x)) for one interaction batch; CPU tensors."""
+        from recbole_llm.llm.generate import generate_with_ids, sequence_logprobs
+
+        if self.snapshot is None:
+            raise RuntimeError("the generator has no snapshot yet: call refresh() before the first batch.")
+        opts = self.options
+        rec = self.recommender
+        device = next(rec.parameters()).device
+        interaction = interaction.to(device)
+        instance_items = select_history_items(interaction[rec.ITEM_SEQ], interaction[rec.ITEM_SEQ_LEN],
+                                              int(opts["history_items"]))
+        unique = sorted({i for items in instance_items for i in items})
+        prompts = [self.prompts[i] for i in unique]
+        was_training = self.llm.training
+        self.llm.eval()
+        with swapped_lora(self.llm, self.snapshot):
+            gens = generate_with_ids(
+                self.llm, self.tokenizer, prompts, max_new_tokens=int(opts["max_new_tokens"]),
+                batch_size=int(opts["gen_batch_size"]), repetition_penalty=float(opts["repetition_penalty"]),
+                do_sample=True, temperature=float(opts["temperature"]), top_p=float(opts["top_p"]),
+                seed=seed, progress=False)
+        prompt_ids = [g["prompt_ids"] for g in gens]
+        gen_ids = [g["gen_ids"] for g in gens]
+        with self.llm.disable_adapter():
+            orig = sequence_logprobs(self.llm, prompt_ids, gen_ids, batch_size=int(opts["gen_batch_size"]),
+                                     pad_token_id=self.tokenizer.pad_token_id)
+        self.llm.train(was_training)
+        texts = [g["text"] for g in gens]
+        vectors = self.encode(texts).float()
+        override = {item: vectors[u].to(device) for u, item in enumerate(unique)}
+        logp_s = rec.target_log_prob(interaction, knowledge_override=override)
+        logp_base = base_log_prob(self.frozen_base, interaction)
+        return {
+            "items": unique,
+            "texts": texts,
+            "prompt_ids": prompt_ids,
+            "gen_ids": gen_ids,
+            "knowledge": vectors.cpu(),
+            "membership": membership_matrix(instance_items, unique),
+            "logp_rec_s": logp_s.detach().float().cpu(),
+            "logp_rec_base": logp_base.detach().float().cpu(),
+            "orig_token_logps": [t.detach().float().cpu() for t in orig],
+            "snapshot_step": self.snapshot_step,
+            "snapshot_digest": self.snapshot_digest,
+        }
+
+
+def _lora_values_by_param(model, lora):
+    """Map a peft LoRA state dict (adapter name stripped) onto the model's parameter names."""
+    named = _lora_params(model)
+    out = {}
+    for name in named:
+        # parameter: ...q_proj.lora_A.default.weight ; state key: ...q_proj.lora_A.weight
+        key = name.replace(".default.", ".")
+        if key in lora:
+            out[name] = lora[key]
+    return out
+
+
+def generator_options(config):
+    """The sampling/selection options of the generator job from the config (see SeRALM YAMLs)."""
+    count = int(_cfg(config, "align_history_items", 1))
+    if count < 1:
+        raise ValueError(f"align_history_items must be >= 1, got {count}.")
+    return {
+        "history_items": count,
+        "max_new_tokens": int(_cfg(config, "align_max_new_tokens", _cfg(config, "knowledge_max_new_tokens", 64))),
+        "temperature": float(_cfg(config, "align_temperature", 1.0)),
+        "top_p": float(_cfg(config, "align_top_p", 1.0)),
+        "repetition_penalty": float(_cfg(config, "align_repetition_penalty", 1.0)),
+        "gen_batch_size": int(_cfg(config, "align_generation_batch_size", 32)),
+    }
+
+
+# ------------------------------------------------------------------------------------------- jobs
+class GeneratorJob:
+    """Interface: ``refresh(lora_state, rec_state, step)``, ``submit(interaction, seed)``, ``next()``,
+    ``close()``; ``maybe_refresh`` sends a snapshot when ``step % refresh_every == 0``."""
+
+    def __init__(self, refresh_every):
+        if int(refresh_every) < 1:
+            raise ValueError(f"refresh_every must be a positive integer, got {refresh_every!r}.")
+        self.refresh_every = int(refresh_every)
+        self.refresh_steps = []
+
+    def maybe_refresh(self, step, snapshot_fn):
+        """Refresh at steps 0, N, 2N, ...; ``snapshot_fn()`` -> (lora_state, rec_state), built only then."""
+        if step % self.refresh_every == 0:
+            lora, rec_state = snapshot_fn()
+            self.refresh(lora, rec_state, step)
+            self.refresh_steps.append(step)
+            return True
+        return False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+class SyncGenerator(GeneratorJob):
+    """Same-process generator: ``next()`` computes the oldest submitted batch with the current snapshot.
+    Shares the trainer's LLM (the snapshot LoRA values are swapped in for generation) and keeps its own
+    copy of the recommender."""
+
+    def __init__(self, llm, tokenizer, prompts, recommender, frozen_base, encode, options, refresh_every):
+        super().__init__(refresh_every)
+        self.core = GeneratorCore(llm, tokenizer, prompts, copy.deepcopy(recommender), frozen_base, encode, options)
+        self.pending = deque()
+
+    def refresh(self, lora, rec_state, step):
+        self.core.load_snapshot(lora, rec_state, step)
+
+    def submit(self, interaction, seed=None):
+        self.pending.append((interaction, seed))
+
+    def next(self):
+        if not self.pending:
+            raise RuntimeError("next() called with no submitted batch.")
+        interaction, seed = self.pending.popleft()
+        return self.core.produce(interaction, seed)
+
+    def close(self):
+        self.pending.clear()
+
+
+class _GeneratorActor:
+    """Body of the Ray actor: builds its own LoRA LLM from the config, holds the recommenders."""
+
+    def __init__(self, config, prompts, recommender, frozen_base, encode, options, num_threads):
+        torch.set_num_threads(max(1, int(num_threads)))
+        llm, tokenizer = build_lora_llm(config, device="cuda" if torch.cuda.is_available() else "cpu")
+        device = next(llm.parameters()).device
+        recommender.to(device)
+        frozen_base.to(device)
+        self.core = GeneratorCore(llm, tokenizer, prompts, recommender, frozen_base, encode, options)
+
+    def refresh(self, lora, rec_state, step):
+        self.core.load_snapshot(lora, rec_state, step)
+        return step
+
+    def produce(self, interaction, seed):
+        return self.core.produce(interaction, seed)
+
+
+class RayGenerator(GeneratorJob):
+    """Generator job as a Ray actor. ``ray.init()`` locally unless ``ray_address`` names a cluster;
+    snapshots travel as state dicts (LoRA parameters only for the LLM). ``prefetch`` batches are kept
+    submitted ahead of the trainer, so generation of batch t+1.. overlaps the trainer's step t; a snapshot
+    sent at step t therefore applies to the batches submitted after it (staleness up to
+    refresh_every + prefetch steps, the price of never waiting)."""
+
+    def __init__(self, config, prompts, recommender, frozen_base, encode, options, refresh_every,
+                 ray_address=None, num_cpus=1, num_gpus=0, prefetch=2):
+        super().__init__(refresh_every)
+        import ray
+
+        self._ray = ray
+        self._owns_ray = False
+        if not ray.is_initialized():
+            init = dict(address=ray_address, ignore_reinit_error=True, include_dashboard=False,
+                        log_to_driver=False, logging_level=logging.WARNING)
+            if ray_address is None:
+                init["num_cpus"] = max(int(num_cpus) + 1, 2)
+            ray.init(**init)
+            self._owns_ray = True
+        actor_class = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(_GeneratorActor)
+        # The actor gets its own copies (pickled once); afterwards only state dicts travel.
+        self.actor = actor_class.remote(config, list(prompts), copy.deepcopy(recommender).cpu(),
+                                        copy.deepcopy(frozen_base).cpu(), encode, dict(options), num_cpus)
+        self.prefetch = int(prefetch)
+        self.futures = deque()
+
+    def refresh(self, lora, rec_state, step):
+        rec_state = {k: v.detach().to("cpu") for k, v in rec_state.items()}
+        # Not awaited: the actor runs calls in order, so batches submitted after this use the new snapshot.
+        self._last_refresh = self.actor.refresh.remote(lora, rec_state, step)
+
+    def submit(self, interaction, seed=None):
+        self.futures.append(self.actor.produce.remote(interaction.to("cpu"), seed))
+
+    def next(self):
+        if not self.futures:
+            raise RuntimeError("next() called with no submitted batch.")
+        return self._ray.get(self.futures.popleft())
+
+    def close(self):
+        ray = self._ray
+        self.futures.clear()
+        if getattr(self, "actor", None) is not None:
+            try:
+                ray.kill(self.actor)
+            except Exception:  # already gone
+                pass
+            self.actor = None
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+            self._owns_ray = False

@@ -1,0 +1,260 @@
+"""SeRALM alignment (paper 4.4, Algorithm 1): the loss math, its gradient signs, the KL term, and the
+AlignmentTrainer end to end on tiny models for the four variants."""
+
+import os
+
+import pytest
+import torch
+
+from recbole_llm.trainer.alignment_loss import (
+    alignment_llm_loss,
+    importance_weights,
+    membership_matrix,
+    per_token_kl,
+)
+from tests.helpers_alignment import set_threads, tiny_config, tiny_data, tiny_model
+
+set_threads()
+
+
+# ------------------------------------------------------------------------------------------ pure math
+def test_importance_weights_are_the_detached_probability_ratio_with_optional_clip():
+    logp_s = torch.tensor([-2.0, -5.0, -1.0], requires_grad=True)
+    logp_base = torch.tensor([-3.0, -4.0, -1.0])
+    w = importance_weights(logp_s, logp_base)
+    assert torch.allclose(w, torch.exp(torch.tensor([1.0, -1.0, 0.0])))
+    assert not w.requires_grad
+    assert torch.allclose(importance_weights(logp_s, logp_base, ratio_clip=2.0), torch.tensor([2.0, torch.exp(torch.tensor(-1.0)), 1.0]))
+    with pytest.raises(ValueError, match="ratio_clip"):
+        importance_weights(logp_s, logp_base, ratio_clip=0)
+
+
+def test_loss_gradient_is_weighted_score_plus_kl_gradient():
+    # Two instances, three texts; instance 0 owns texts 0 and 1, instance 1 owns text 2.
+    cur = [torch.tensor([-1.0, -2.0], requires_grad=True), torch.tensor([-0.5], requires_grad=True),
+           torch.tensor([-3.0, -1.0, -0.2], requires_grad=True)]
+    orig = [torch.tensor([-1.5, -2.0]), torch.tensor([-0.5]), torch.tensor([-2.0, -1.0, -0.7])]
+    weights = torch.tensor([3.0, 0.5])
+    member = membership_matrix([[10, 11], [12]], [10, 11, 12])
+    alpha = 0.2
+    loss, stats = alignment_llm_loss(cur, orig, weights, member, alpha)
+    loss.backward()
+    b, u = 2, 3
+    # d loss / d token = -w_b / B for the policy term, + alpha * (cur - orig) / U for the k2 KL term.
+    expected = [-weights[0] / b + alpha * (cur[0].detach() - orig[0]) / u,
+                -weights[0] / b + alpha * (cur[1].detach() - orig[1]) / u,
+                -weights[1] / b + alpha * (cur[2].detach() - orig[2]) / u]
+    for tensor, want in zip(cur, expected):
+        assert torch.allclose(tensor.grad, want, atol=1e-6)
+    assert stats["weight_max"] == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="membership"):
+        alignment_llm_loss(cur, orig, weights, member[:, :2], alpha)
+
+
+def test_kl_estimators_are_zero_at_identity_and_k2_k3_have_zero_gradient_there():
+    for estimator in ("k1", "k2", "k3"):
+        cur = [torch.tensor([-1.0, -0.3], requires_grad=True)]
+        kl = per_token_kl(cur, [cur[0].detach().clone()], estimator)
+        assert kl.item() == 0.0
+        kl.sum().backward()
+        if estimator == "k1":  # the literal Eq. 7 difference: non-zero gradient even at identity
+            assert torch.all(cur[0].grad != 0)
+        else:
+            assert torch.all(cur[0].grad == 0)
+    with pytest.raises(ValueError, match="kl_estimator"):
+        per_token_kl(cur, cur, "k9")
+
+
+# ---------------------------------------------------------------------------------- with a LoRA LLM
+@pytest.fixture(scope="module")
+def lora_llm(tmp_path_factory):
+    from recbole_llm.llm.generate import build_chat_prompts, generate_with_ids
+    from recbole_llm.trainer.generator import build_lora_llm
+
+    config = tiny_config("SASRecSeRALM", tmp_path_factory.mktemp("lora"), lora_r=4)
+    llm, tokenizer = build_lora_llm(config, device="cpu")
+    prompts = build_chat_prompts(tokenizer, ["describe glass beaker", "who likes steel scale"])
+    gens = generate_with_ids(llm, tokenizer, prompts, max_new_tokens=6, do_sample=True, seed=3,
+                             repetition_penalty=1.0, progress=False)
+    return llm, tokenizer, [g["prompt_ids"] for g in gens], [g["gen_ids"] for g in gens]
+
+
+def _logps(llm, prompt_ids, gen_ids, grad=False):
+    from recbole_llm.llm.generate import sequence_logprobs
+
+    with torch.set_grad_enabled(grad):
+        return sequence_logprobs(llm, prompt_ids, gen_ids)
+
+
+def _orig_logps(llm, prompt_ids, gen_ids):
+    with llm.disable_adapter():
+        return _logps(llm, prompt_ids, gen_ids)
+
+
+def _sgd_step(llm, loss, lr):
+    params = [p for p in llm.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            if g is not None:
+                p -= lr * g
+
+
+def _total(logps):
+    return float(sum(t.sum() for t in logps))
+
+
+def _reset_lora(llm):
+    with torch.no_grad():
+        for name, p in llm.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+
+
+def test_kl_term_is_exactly_zero_with_zero_gradient_for_fresh_lora(lora_llm):
+    llm, _, prompt_ids, gen_ids = lora_llm
+    _reset_lora(llm)
+    cur = _logps(llm, prompt_ids, gen_ids, grad=True)
+    orig = _orig_logps(llm, prompt_ids, gen_ids)
+    for c, o in zip(cur, orig):
+        assert torch.equal(c.detach(), o)  # B = 0: the adapted LLM is the original LLM
+    kl = per_token_kl(cur, orig).mean()
+    assert kl.item() == 0.0
+    params = [p for p in llm.parameters() if p.requires_grad]
+    assert params and all("lora_" in n for n, p in llm.named_parameters() if p.requires_grad)
+    grads = torch.autograd.grad(kl, params, allow_unused=True)
+    assert all(g is None or torch.count_nonzero(g) == 0 for g in grads)
+
+
+def test_descent_step_raises_log_prob_of_sampled_text_when_weight_above_one(lora_llm):
+    llm, _, prompt_ids, gen_ids = lora_llm
+    _reset_lora(llm)
+    orig = _orig_logps(llm, prompt_ids, gen_ids)
+    member = torch.eye(len(gen_ids))
+    before = _total(orig)
+
+    # Weight p(y|x,s)/p(y|x) = e > 1: Eq. 10's direction, the sampled knowledge becomes more likely.
+    weights = importance_weights(torch.tensor([0.0, 0.0]), torch.tensor([-1.0, -1.0]))
+    assert torch.all(weights > 1)
+    for _ in range(3):
+        loss, _ = alignment_llm_loss(_logps(llm, prompt_ids, gen_ids, grad=True), orig, weights, member, alpha=0.1)
+        _sgd_step(llm, loss, lr=0.5)
+    raised = _total(_logps(llm, prompt_ids, gen_ids))
+    assert raised > before + 1e-3
+
+    # Weight -> 0: only the KL penalty acts; it pulls back toward the original LLM, never further up.
+    zero = torch.zeros(len(gen_ids))
+    loss, _ = alignment_llm_loss(_logps(llm, prompt_ids, gen_ids, grad=True), orig, zero, member, alpha=1.0)
+    _sgd_step(llm, loss, lr=0.5)
+    after = _total(_logps(llm, prompt_ids, gen_ids))
+    assert after <= raised + 1e-6
+    assert abs(after - before) < abs(raised - before)
+
+    # Weight -> 0 on the original LLM: nothing moves at all (k2 KL has zero gradient at identity).
+    _reset_lora(llm)
+    loss, _ = alignment_llm_loss(_logps(llm, prompt_ids, gen_ids, grad=True), orig, zero, member, alpha=1.0)
+    _sgd_step(llm, loss, lr=0.5)
+    assert _total(_logps(llm, prompt_ids, gen_ids)) == pytest.approx(before, abs=1e-6)
+    _reset_lora(llm)
+
+
+# ----------------------------------------------------------------------------------- the trainer
+VARIANTS = ["SASRecSeRALM", "CaserSeRALM", "PAUPSeRALM", "LightSANsSeRALM"]
+
+
+@pytest.fixture(scope="module")
+def shared_knowledge(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("shared_knowledge"))
+
+
+def _lora_b_norm(trainer):
+    return sum(float(p.detach().abs().sum()) for n, p in trainer.llm.named_parameters() if "lora_B" in n)
+
+
+@pytest.mark.parametrize("model_name", VARIANTS)
+def test_each_variant_trains_one_alignment_step_end_to_end(model_name, tmp_path, shared_knowledge):
+    from safetensors.torch import load_file
+
+    from recbole_llm.trainer.alignment_trainer import AlignmentTrainer, adapter_path
+    from recbole_llm.utils import get_trainer
+
+    config = tiny_config(model_name, tmp_path, knowledge_cache_dir=shared_knowledge, alignment_steps=1,
+                         frozen_base_cache_dir=os.path.join(shared_knowledge, "frozen_base"))
+    _, train, valid, test = tiny_data(config)
+    model = tiny_model(config, train)
+    trainer_class = get_trainer(config["MODEL_TYPE"], model_name)
+    assert trainer_class is AlignmentTrainer
+    trainer = trainer_class(config, model)
+    base_vectors = model.knowledge_vectors.clone()
+    rec_before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    # Phase B only, to check what one step of Algorithm 1 changes.
+    from recbole_llm.trainer.generator import build_lora_llm
+
+    trainer.llm, trainer.tokenizer = build_lora_llm(config, device=trainer.device)
+    assert _lora_b_norm(trainer) == 0
+    trainer.alignment_steps(train, train._dataset)
+    assert len(trainer.alignment_log) == 1
+    record = trainer.alignment_log[0]
+    assert record["texts"] >= 1 and record["weight_mean"] > 0 and record["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert _lora_b_norm(trainer) > 0  # the LLM (LoRA) was updated (Eq. 8)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, rec_before[k])]
+    assert changed  # the recommender was updated (Eq. 9)
+    assert torch.equal(model.knowledge_vectors, base_vectors)  # sampled knowledge is an override only
+
+    # Phase C + RecBole's training: aligned knowledge in the model, adapter saved beside the checkpoint.
+    trainer.regenerate_knowledge(train._dataset)
+    trainer.aligned = True
+    best, _ = trainer.fit(train, valid, saved=True)
+    assert trainer.adapter_version.startswith("lora-")
+    lora_file = adapter_path(trainer.saved_model_file)
+    assert os.path.isfile(lora_file) and os.path.isfile(trainer.saved_model_file)
+    saved = load_file(lora_file)
+    assert saved and all("lora_" in k for k in saved)
+    result = trainer.evaluate(test, load_best_model=True)
+    assert "ndcg@5" in result
+
+
+def test_fit_runs_all_phases(tmp_path, shared_knowledge):
+    from recbole_llm.trainer.alignment_trainer import AlignmentTrainer
+
+    config = tiny_config("SASRecSeRALM", tmp_path, knowledge_cache_dir=shared_knowledge, align_warmup_epochs=1,
+                         alignment_steps=2, refresh_every=1,
+                         frozen_base_cache_dir=os.path.join(shared_knowledge, "frozen_base"))
+    _, train, valid, _ = tiny_data(config)
+    model = tiny_model(config, train)
+    trainer = AlignmentTrainer(config, model)
+    trainer.fit(train, valid, saved=False)
+    assert trainer.aligned and len(trainer.alignment_log) == 2
+    assert trainer.generator_refresh_steps == [0, 1]
+    assert [r["snapshot_step"] for r in trainer.alignment_log] == [0, 1]  # sync + refresh 1 = Algorithm 1
+    # the aligned knowledge texts were generated and cached under the adapter's version
+    import json
+
+    versions = set()
+    for name in os.listdir(shared_knowledge):
+        if name.startswith("knowledge-") and name.endswith(".json"):
+            with open(os.path.join(shared_knowledge, name)) as f:
+                versions.add(json.load(f)["meta"]["adapter_version"])
+    assert trainer.adapter_version in versions and "base" in versions
+
+
+def test_alignment_false_is_plain_recbole_training(tmp_path, shared_knowledge):
+    from recbole.trainer import Trainer
+
+    from recbole_llm.trainer.alignment_trainer import AlignmentTrainer
+    from recbole_llm.trainer.safe import safe_trainer_class
+
+    results = []
+    for trainer_class in (AlignmentTrainer, safe_trainer_class(Trainer)):
+        config = tiny_config("SASRecSeRALM", tmp_path / trainer_class.__name__, knowledge_cache_dir=shared_knowledge,
+                             alignment=False, epochs=2)
+        _, train, valid, _ = tiny_data(config)
+        model = tiny_model(config, train)
+        trainer = trainer_class(config, model)
+        best, result = trainer.fit(train, valid, saved=False)
+        results.append((best, result, {k: v.clone() for k, v in model.state_dict().items()}, trainer))
+    (best_a, result_a, state_a, aligned), (best_b, result_b, state_b, _) = results
+    assert best_a == best_b and result_a == result_b
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    assert aligned.llm is None and not aligned.alignment_log
