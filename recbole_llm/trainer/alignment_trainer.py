@@ -269,7 +269,7 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
                     record.update(step=step, generator_wait_s=waited, step_s=time.perf_counter() - start)
                     self.alignment_log.append(record)
                     bar.update(1)
-                    if step % max(1, int(_cfg(self.config, "log_every", 50))) == 0 or step == total - 1:
+                    if step % max(1, int(_cfg(self.config, "align_log_every", 50))) == 0 or step == total - 1:
                         self.logger.info(set_color(f"alignment step {step}/{total}", "green") + ": " + ", ".join(
                             f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float)))
         finally:

@@ -68,9 +68,7 @@ def build_lora_llm(config, device=None):
 
     from recbole_llm.llm.loader import load_causal_lm
 
-    llm, tokenizer = load_causal_lm(
-        _cfg(config, "llm_path"), device=device if device is not None else _cfg(config, "llm_device"),
-        dtype=_cfg(config, "llm_dtype", "auto"), num_layers=_cfg(config, "llm_num_layers"))
+    llm, tokenizer = load_causal_lm(_cfg(config, "llm_path"), device=device, num_layers=_cfg(config, "llm_num_layers"))
     seed = int(_cfg(config, "seed", 0))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # LoRA A init is random: same seed, same adapter in trainer and actor
