@@ -151,7 +151,7 @@ def test_garbage_gguf_is_a_clear_error(tmp_path, monkeypatch):
     junk.write_bytes(b"not a gguf file at all" * 10)
     with pytest.raises(ValueError, match="Could not read .*broken.gguf"):
         load_causal_lm(junk)
-    assert not (tmp_path / "cache" / "converted").exists() or not os.listdir(tmp_path / "cache" / "converted")
+    assert os.listdir(tmp_path / "cache" / "converted") == ["digests.json"]  # nothing half-converted
 
 
 def _fake_gguf_reader(monkeypatch, fail_on_tokenizer_save=False):
@@ -188,13 +188,13 @@ def test_gguf_conversion_is_cached_and_atomic(tmp_path, monkeypatch):
     _fake_gguf_reader(monkeypatch, fail_on_tokenizer_save=True)
     with pytest.raises(OSError, match="simulated"):
         load_causal_lm(gguf)
-    assert os.listdir(tmp_path / "cache" / "converted") == []  # no half directory, no temp left
+    assert os.listdir(tmp_path / "cache" / "converted") == ["digests.json"]  # no half directory, no temp left
 
     monkeypatch.undo()
     monkeypatch.setenv("RECBOLE_LLM_CACHE", str(tmp_path / "cache"))
     _fake_gguf_reader(monkeypatch)
     model, tokenizer = load_causal_lm(gguf)
-    assert os.listdir(tmp_path / "cache" / "converted") == [os.path.basename(target)]
+    assert sorted(os.listdir(tmp_path / "cache" / "converted")) == sorted([os.path.basename(target), "digests.json"])
     config = json.loads(open(os.path.join(target, "config.json")).read())
     assert "quantization_config" not in config and config["architectures"] == ["LlamaForCausalLM"]
     assert tokenizer.padding_side == "left"
@@ -204,6 +204,10 @@ def test_gguf_conversion_is_cached_and_atomic(tmp_path, monkeypatch):
     again, _ = load_causal_lm(gguf)
     for a, b in zip(model.parameters(), again.parameters()):
         assert torch.equal(a, b)
+
+    gguf.write_bytes(b"other fake gguf bytes")  # a changed file gets its own conversion directory
+    os.utime(gguf, ns=(1, 1))
+    assert loader.converted_gguf_dir(str(gguf)) != target
 
 
 def test_text_encoder_loads_frozen(encoder):

@@ -11,6 +11,7 @@ once to a safetensors directory under ``cache_dir()/converted`` and later loads 
 import contextlib
 import hashlib
 import importlib.metadata
+import json
 import logging
 import os
 import shutil
@@ -107,10 +108,32 @@ def _sha256_prefix(path, n=16):
     return digest.hexdigest()[:n]
 
 
+def _gguf_digest(gguf_path):
+    """sha256[:16] of the GGUF file, remembered in cache_dir()/converted/digests.json per (path, size,
+    mtime) so that a cached load does not re-read ~100 MB (several seconds on a busy CPU)."""
+    stat = os.stat(gguf_path)
+    key = f"{os.path.realpath(gguf_path)}|{stat.st_size}|{stat.st_mtime_ns}"
+    index_path = os.path.join(cache_dir(), "converted", "digests.json")
+    try:
+        with open(index_path) as f:
+            index = json.load(f)
+    except (OSError, ValueError):
+        index = {}
+    if not isinstance(index, dict) or not isinstance(index.get(key), str):
+        index = index if isinstance(index, dict) else {}
+        index[key] = _sha256_prefix(gguf_path)
+        os.makedirs(os.path.dirname(index_path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="digests.json.tmp-", dir=os.path.dirname(index_path))
+        with os.fdopen(fd, "w") as f:
+            json.dump(index, f, indent=1)
+        os.replace(tmp, index_path)
+    return index[key]
+
+
 def converted_gguf_dir(gguf_path):
     """Where the safetensors copy of ``gguf_path`` lives: cache_dir()/converted/<name>-<sha256[:16]>."""
     name = os.path.splitext(os.path.basename(gguf_path))[0]
-    return os.path.join(cache_dir(), "converted", f"{name}-{_sha256_prefix(gguf_path)}")
+    return os.path.join(cache_dir(), "converted", f"{name}-{_gguf_digest(gguf_path)}")
 
 
 def convert_gguf(gguf_path):
