@@ -1,0 +1,188 @@
+"""The four SeRALM knowledge-enhanced models: concatenated item vectors, knowledge overrides, the
+alignment-facing interface, training a step, and scoring from cached vectors with no LLM loadable."""
+
+import pytest
+import torch
+
+import recbole_llm  # noqa: F401  (registers the models with RecBole)
+from recbole_llm.data import knowledge as K
+from recbole_llm.utils import get_model, get_trainer
+
+from tests.helpers_seralm import N_ITEMS, FakeGenerator, build
+
+torch.set_num_threads(1)
+
+MODELS = ["CaserSeRALM", "SASRecSeRALM", "PAUPSeRALM", "LightSANsSeRALM"]
+D_TEXT = 32  # tiny encoder width
+WIDTH = 16   # hidden_size / embedding_size in the tiny config
+PROJ = 6
+
+
+def prefill_knowledge(config, dataset):
+    """Generate (fake LLM) + encode (tiny encoder) once, so models only read caches."""
+    K.generate_knowledge(dataset, config, generate_fn=FakeGenerator(), progress=False)
+    return K.knowledge_matrix(dataset, config)
+
+
+def forbid_llm_and_encoder(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("no LLM/encoder may be loaded here")
+
+    monkeypatch.setattr("recbole_llm.llm.loader.load_causal_lm", refuse)
+    monkeypatch.setattr("recbole_llm.llm.loader.load_text_encoder", refuse)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Per model: (config, train, test, model) on the tiny dataset, knowledge caches prefilled."""
+    out = {}
+    for name in MODELS:
+        tmp = tmp_path_factory.mktemp(name)
+        config, dataset, train, valid, test = build(name, tmp)
+        prefill_knowledge(config, dataset)
+        torch.manual_seed(0)
+        out[name] = (config, train, test, get_model(name)(config, train.dataset))
+    return out
+
+
+def first_batch(data):
+    """The first Interaction of a loader (full-sort eval loaders yield tuples, train loaders Interactions)."""
+    batch = next(iter(data))
+    return batch[0] if isinstance(batch, tuple) else batch
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_item_vectors_are_id_then_projected_knowledge(built, name):
+    config, train, test, model = built[name]
+    model.eval()
+    emb = model.item_embedding
+    assert model.knowledge_vectors.shape == (N_ITEMS + 1, D_TEXT)
+    assert emb.id_embedding.embedding_dim == WIDTH - PROJ and emb.knowledge_projection.out_features == PROJ
+    table = emb.weight
+    assert table.shape == (N_ITEMS + 1, WIDTH) and torch.all(table[0] == 0)
+    ids = torch.tensor([[3, 0, 5], [1, 2, 12]])
+    rows = emb(ids)
+    assert rows.shape == (2, 3, WIDTH) and torch.allclose(rows, table[ids])
+    assert torch.allclose(rows[0, 0, :WIDTH - PROJ], emb.id_embedding.weight[3])
+    assert torch.allclose(rows[0, 0, WIDTH - PROJ:], emb.knowledge_projection(model.knowledge_vectors[3]))
+    # the base model sees the combined vectors: changing knowledge changes its scores
+    batch = first_batch(test)
+    before = model.full_sort_predict(batch)
+    assert before.shape == (batch[model.ITEM_SEQ].size(0), N_ITEMS + 1)
+    saved = model.knowledge_vectors.clone()
+    model.set_knowledge_vectors(torch.randn_like(saved))
+    assert not torch.allclose(model.full_sort_predict(batch), before)
+    model.set_knowledge_vectors(saved)
+    assert torch.allclose(model.full_sort_predict(batch), before)
+    with pytest.raises(ValueError, match=r"\[n_items, d_text\]"):
+        model.set_knowledge_vectors(torch.zeros(3, D_TEXT))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_knowledge_override_changes_only_the_overridden_item(built, name):
+    config, train, test, model = built[name]
+    model.eval()
+    batch = first_batch(test)
+    target = batch[model.POS_ITEM_ID]
+    history = batch[model.ITEM_SEQ]
+    base = model.target_log_prob(batch)
+    assert base.shape == target.shape and torch.all(base <= 0)
+    # an item that is neither in row 0's history nor its target
+    item = next(i for i in range(1, N_ITEMS + 1) if i not in history[0].tolist() and i != int(target[0]))
+    vector = torch.randn(D_TEXT, requires_grad=True)
+    full_before = model.full_sort_predict(batch)
+    new = model.target_log_prob(batch, knowledge_override={item: vector})
+    assert not torch.allclose(new, base)
+    # the override scores item differently, and leaves every other item's raw score in row 0 untouched
+    with model._knowledge(model._override_table({item: vector})):
+        full_after = model.full_sort_predict(batch)
+    changed = (full_after - full_before).abs()[0] > 1e-6
+    assert changed.nonzero().flatten().tolist() == [item]
+    # gradients reach the recommender's parameters (and the override vector)
+    model.zero_grad()
+    new.sum().backward()
+    assert model.item_embedding.knowledge_projection.weight.grad.abs().sum() > 0
+    assert vector.grad is not None and vector.grad.abs().sum() > 0
+    # the cached matrix itself is untouched by overrides
+    assert torch.allclose(model.target_log_prob(batch), base)
+    # a full-matrix override equal to the cache is a no-op; a wrong shape is a clear error
+    assert torch.allclose(model.target_log_prob(batch, knowledge_override=model.knowledge_vectors.clone()), base)
+    with pytest.raises(ValueError, match="knowledge_override"):
+        model.target_log_prob(batch, knowledge_override=torch.zeros(2, D_TEXT))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_target_log_prob_matches_ce_loss(built, name):
+    config, train, test, model = built[name]
+    model.eval()
+    batch = first_batch(train)
+    loss = model.calculate_loss(batch)
+    nll = -model.target_log_prob(batch).mean()
+    if name == "CaserSeRALM":  # Caser adds an L2 term
+        assert loss >= nll - 1e-5
+    else:
+        assert torch.allclose(loss, nll, atol=1e-5)
+    override = {int(batch[model.POS_ITEM_ID][0]): torch.randn(D_TEXT)}
+    assert not torch.allclose(model.calculate_loss(batch, knowledge_override=override), loss)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_trains_and_predicts_without_any_llm(built, name, monkeypatch, tmp_path):
+    from recbole.utils import init_seed
+
+    from recbole_llm.checkpoint import load_checkpoint
+
+    config, train, test, _ = built[name]
+    forbid_llm_and_encoder(monkeypatch)
+    init_seed(config["seed"], config["reproducibility"])
+    model = get_model(name)(config, train.dataset)  # reads the caches only
+    config["checkpoint_dir"] = str(tmp_path)
+    trainer = get_trainer(config["MODEL_TYPE"], name)(config, model)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer._train_epoch(train, epoch_idx=0, show_progress=False)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    trainer._save_checkpoint(0, verbose=False)
+    result = trainer.evaluate(test, load_best_model=False, show_progress=False)
+    assert 0 <= result["ndcg@5"] <= 1
+    # the checkpoint holds the knowledge buffer and reloads safely; a model built from the checkpoint's
+    # config with knowledge_source: checkpoint needs no cache at all
+    state = load_checkpoint(trainer.saved_model_file)
+    assert torch.equal(state["state_dict"]["item_embedding.knowledge_vectors"], model.knowledge_vectors)
+    saved_config = state["config"]
+    saved_config["knowledge_source"] = "checkpoint"
+    saved_config["knowledge_cache_dir"] = str(tmp_path / "empty")
+    reloaded = get_model(name)(saved_config, train.dataset)
+    reloaded.load_state_dict(state["state_dict"])
+    model.eval(), reloaded.eval()
+    batch = first_batch(test)
+    assert torch.allclose(reloaded.full_sort_predict(batch), model.full_sort_predict(batch))
+
+
+def test_rejects_bpr_and_bad_projection(tmp_path):
+    config, dataset, train, valid, test = build("SASRecSeRALM", tmp_path)
+    prefill_knowledge(config, dataset)
+    config["knowledge_proj_size"] = WIDTH
+    with pytest.raises(ValueError, match="knowledge_proj_size"):
+        get_model("SASRecSeRALM")(config, train.dataset)
+    config["knowledge_proj_size"] = PROJ
+    config["loss_type"] = "BPR"
+    with pytest.raises(ValueError, match="loss_type: CE"):
+        get_model("SASRecSeRALM")(config, train.dataset)
+
+
+def test_train_text_encoder_updates_encoder_and_refreshes_vectors(tmp_path):
+    config, dataset, train, valid, test = build("SASRecSeRALM", tmp_path, train_text_encoder=True)
+    prefill_knowledge(config, dataset)
+    torch.manual_seed(0)
+    model = get_model("SASRecSeRALM")(config, train.dataset)
+    assert any(p.requires_grad for p in model.text_encoder.parameters())
+    cached = model.knowledge_vectors.clone()
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    loss = model.calculate_loss(first_batch(train))
+    loss.backward()
+    assert model.text_encoder.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+    optimizer.step()
+    model.eval()  # re-encodes every item with the updated encoder
+    assert not torch.allclose(model.knowledge_vectors, cached)
+    assert torch.all(model.knowledge_vectors[0] == 0)
