@@ -78,6 +78,26 @@ class Config(RecBoleConfig):
             final["train_neg_sample_args"] = None
         super()._set_default_parameters()
 
+    def _init_device(self):
+        final = self.final_config_dict
+        import torch
+
+        if "local_rank" not in final or (torch.cuda.is_available() and str(final["gpu_id"]) != ""):
+            return super()._init_device()
+        # RecBole's DDP set-up is NCCL-only; without CUDA the same run uses gloo on the CPU.
+        final["gpu_id"] = ""
+        # N processes share the cores; without this each one starts a thread per core and they thrash.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(final["nproc"]))))
+        torch.distributed.init_process_group(
+            backend="gloo", rank=final["local_rank"] + final["offset"], world_size=final["world_size"],
+            init_method=f"tcp://{final['ip']}:{final['port']}")
+        final["device"] = torch.device("cpu")
+        final["single_spec"] = False
+        if final["local_rank"] != 0:
+            final["state"] = "error"
+            final["show_progress"] = False
+            final["verbose"] = False
+
     # Pickling: drop attributes holding classes, rebuild them on load.
     def __getstate__(self):
         state = self.__dict__.copy()

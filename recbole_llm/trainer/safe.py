@@ -2,13 +2,43 @@
 
 import functools
 
+import torch
 from recbole.utils import set_color
+from torch.nn.parallel import DistributedDataParallel
 
 from recbole_llm.checkpoint import atomic_torch_save, load_checkpoint
 
 
 class SafeCheckpointMixin:
-    """Overrides RecBole's checkpoint write (protocol 4, not atomic) and resume (bare torch.load)."""
+    """Overrides RecBole's checkpoint write (protocol 4, not atomic) and resume (bare torch.load), and
+    makes its DDP set-up work on the CPU with one checkpoint name shared by all ranks."""
+
+    def __init__(self, config, model):
+        distributed = not config["single_spec"]
+        on_cpu = config["device"].type == "cpu"
+        if distributed and on_cpu:
+            # RecBole wraps the model with device_ids=[rank], which DDP refuses for CPU modules; build the
+            # trainer as single-process and wrap the model ourselves.
+            config["single_spec"] = True
+        try:
+            super().__init__(config, model)
+        finally:
+            config["single_spec"] = not distributed
+        if distributed:
+            if on_cpu:
+                self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+                self.distributed_model = DistributedDataParallel(self.model)
+            # Each rank names the checkpoint after its own clock; use rank 0's name everywhere so that
+            # evaluate(load_best_model=True) on every rank reads the file rank 0 wrote.
+            name = [self.saved_model_file]
+            torch.distributed.broadcast_object_list(name, src=0)
+            self.saved_model_file = name[0]
+
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        if load_best_model and not self.config["single_spec"]:
+            torch.distributed.barrier()  # rank 0 may still be writing the best checkpoint
+        return super().evaluate(eval_data, load_best_model=load_best_model, model_file=model_file,
+                                show_progress=show_progress)
 
     def _checkpoint_state(self, epoch):
         return {

@@ -1,0 +1,21 @@
+"""``--nproc N``: RecBole's DDP with plugin models, on CUDA (NCCL) or on the CPU (gloo)."""
+
+import torch.multiprocessing as mp
+
+from recbole_llm.quick_start import run_recbole_llms
+
+
+def spawn_ddp(args, config_files, cmd_args):
+    """Spawn ``args.nproc`` processes on this node; returns rank 0's result dict (None if it had none)."""
+    world_size = args.world_size if args.world_size > 0 else args.nproc
+    queue = mp.get_context("spawn").SimpleQueue()
+    kwargs = {
+        "config_dict": {"world_size": world_size, "ip": args.ip, "port": args.port, "nproc": args.nproc,
+                        "offset": args.group_offset},
+        "queue": queue,
+        "cmd_args": cmd_args,
+        "profile": args.profile,
+    }
+    mp.spawn(run_recbole_llms, args=(args.model, args.dataset, config_files, kwargs), nprocs=args.nproc,
+             join=True)
+    return None if queue.empty() else queue.get()
