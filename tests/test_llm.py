@@ -114,6 +114,15 @@ def test_pad_token_falls_back_to_eos(tmp_path):
     assert tokenizer.pad_token == tokenizer.eos_token == "</s>"
 
 
+def test_decoder_without_architectures_field_still_loads(tmp_path):
+    path = make_tiny_llm_dir(tmp_path / "noarch")
+    config = json.loads((tmp_path / "noarch" / "config.json").read_text())
+    config.pop("architectures")
+    (tmp_path / "noarch" / "config.json").write_text(json.dumps(config))
+    model, _ = load_causal_lm(path)
+    assert type(model).__name__ == "LlamaForCausalLM"
+
+
 def test_num_layers_keeps_first_layers(llm):
     full, tokenizer = llm
     short, _ = tiny_llm(num_layers=1)

@@ -196,6 +196,8 @@ def _load_config(path, what, expected, **overrides):
 def _is_decoder_llm(config):
     if getattr(config, "is_encoder_decoder", False) or config.model_type in _ENCODER_MODEL_TYPES:
         return False
+    if "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}):
+        return True  # remote-code causal LMs (e.g. ChatGLM2) name a base class in `architectures`
     architectures = getattr(config, "architectures", None) or []
     if architectures:
         return any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in architectures)
@@ -239,7 +241,10 @@ def load_causal_lm(path=None, device=None, dtype="auto", num_layers=None, trust_
 
     path: None -> bundled SmolLM2 GGUF; a .gguf file (converted once, then cached); or a local HF directory.
     num_layers: keep only the first N decoder layers (cheaper CPU runs; the last hidden state is then that
-        of layer N, after the model's final norm). None keeps all.
+        of layer N, after the model's final norm). None keeps all. Needs `num_hidden_layers` in the config.
+    trust_remote_code: only when the user asks (it runs code from the model directory). Such models load
+        and generate; the embedding helpers in encode.py expect a transformers-native decoder (Llama,
+        Mistral, Qwen2, GPT-2, ...) whose backbone takes inputs_embeds/attention_mask/position_ids.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -255,7 +260,10 @@ def load_causal_lm(path=None, device=None, dtype="auto", num_layers=None, trust_
         raise ValueError(f"LLM path {path!r} holds a {config.model_type!r} model "
                          f"(architectures={getattr(config, 'architectures', None)}); expected {expected}.")
     if num_layers is not None:
-        total = config.num_hidden_layers
+        total = getattr(config, "num_hidden_layers", None)
+        if not isinstance(total, int):
+            raise ValueError(f"num_layers={num_layers} needs a config with `num_hidden_layers`; {path!r} "
+                             f"({config.model_type!r}) has none. Leave num_layers unset for this model.")
         if not 1 <= int(num_layers) <= total:
             raise ValueError(f"num_layers={num_layers} is out of range; expected 1..{total} for {path!r}.")
         # Building the model from a shortened config loads only the first N layers' weights.
