@@ -374,3 +374,17 @@ def test_sequence_logprobs_rejects_mismatched_lists(llm):
     model, _ = llm
     with pytest.raises(ValueError, match="1 prompts but 2 generations"):
         sequence_logprobs(model, [torch.tensor([1])], [torch.tensor([2]), torch.tensor([3])])
+
+
+def test_chat_prompts_do_not_get_a_second_bos():
+    from tokenizers.processors import TemplateProcessing
+
+    model, tokenizer = tiny_llm()
+    bos = tokenizer.bos_token_id
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    assert tokenizer("lab kit")["input_ids"][:2] != [bos, bos] and tokenizer("lab kit")["input_ids"][0] == bos
+    chat = build_chat_prompts(tokenizer, ["lab kit"])  # the template itself starts with "<s>"
+    item = generate_with_ids(model, tokenizer, chat, max_new_tokens=2, progress=False)[0]
+    assert item["prompt_ids"][0] == bos and item["prompt_ids"][1] != bos
+    plain = generate_with_ids(model, tokenizer, ["lab kit"], max_new_tokens=2, progress=False)[0]
+    assert plain["prompt_ids"][0] == bos  # plain prompts still get the tokenizer's BOS

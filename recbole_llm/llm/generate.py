@@ -37,6 +37,12 @@ def _stop_ids(model, tokenizer):
     return ids
 
 
+def _add_special_tokens(tokenizer, prompts):
+    """False when the prompts already start with the BOS text (chat templates write it): no double BOS."""
+    bos = tokenizer.bos_token
+    return not (bos and all(p.startswith(bos) for p in prompts))
+
+
 def _trim(gen, stop_ids):
     """Cut a generated row after its first stop token (kept: the model chose to stop)."""
     for position, token in enumerate(gen.tolist()):
@@ -64,7 +70,8 @@ def generate_with_ids(model, tokenizer, prompts, max_new_tokens=64, batch_size=3
         options.update(temperature=temperature, top_p=top_p)
     else:  # neutralise sampling fields that a model's generation_config may set, to keep greedy silent
         options.update(temperature=None, top_p=None, top_k=None)
-    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    special = _add_special_tokens(tokenizer, prompts)
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=special)["input_ids"]]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     results = [None] * len(prompts)
     devices = [device] if device.type == "cuda" else []
@@ -73,7 +80,8 @@ def generate_with_ids(model, tokenizer, prompts, max_new_tokens=64, batch_size=3
             torch.manual_seed(seed)
         for start in tqdm(range(0, len(order), batch_size), desc="Generate", disable=not progress):
             index = order[start:start + batch_size]
-            batch = tokenizer([prompts[i] for i in index], padding=True, return_tensors="pt").to(device)
+            batch = tokenizer([prompts[i] for i in index], padding=True, add_special_tokens=special,
+                              return_tensors="pt").to(device)
             out = model.generate(**batch, **options)
             width = batch["input_ids"].size(1)
             for row, i in enumerate(index):
