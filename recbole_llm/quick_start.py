@@ -96,27 +96,47 @@ def run_recbole_llms(rank, *args):
     run_recbole_llm(*args[:3], **kwargs)
 
 
-def objective_function(config_dict=None, config_file_list=None, saved=True, report_to_ray=False):
-    """Objective for RecBole's HyperTuning (and, with ``report_to_ray=True``, a Ray Tune trial)."""
-    config = Config(config_dict=config_dict, config_file_list=config_file_list, cmd_args=[])
-    check_dataset_available(config)
+def objective_function(config_dict=None, config_file_list=None, saved=True, model=None, dataset=None,
+                       profile="none", report_to_ray=None):
+    """Objective for RecBole's HyperTuning and for Ray Tune trials (same signature as RecBole's first two
+    arguments). ``model``/``dataset`` may also come from ``config_dict`` or the config files.
+
+    ``report_to_ray``: None (no Ray), "epoch" (report the validation score after every evaluation, so a
+    scheduler such as ASHA can stop the trial early, then the test result once) or "trial" (report once).
+    """
+    config_dict = dict(config_dict or {})
+    model = model or config_dict.get("model")
+    dataset = dataset or config_dict.get("dataset")
+    config = build_config(model, dataset, config_file_list, config_dict, cmd_args=[], profile=profile)
     init_seed(config["seed"], config["reproducibility"])
     logger = getLogger()
     for handler in logger.handlers[:]:
         logger.removeHandler(handler)
     init_logger(config)
     logging.basicConfig(level=logging.ERROR)
-    dataset = create_dataset(config)
-    train_data, valid_data, test_data = data_preparation(config, dataset)
+    data = create_dataset(config)
+    train_data, valid_data, test_data = data_preparation(config, data)
     init_seed(config["seed"], config["reproducibility"])
-    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
-    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
-    best_valid_score, best_valid_result = trainer.fit(train_data, valid_data, verbose=False, saved=saved)
-    test_result = trainer.evaluate(test_data, load_best_model=saved)
+    net = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, net)
+
+    report = None
     if report_to_ray:
         from ray.air import session  # only Ray Tune trials need ray
 
-        session.report(dict(test_result))
+        report = session.report
+    callback = None
+    if report_to_ray == "epoch":
+        def callback(epoch_idx, valid_score):
+            report({"valid_score": float(valid_score), "epoch": epoch_idx})
+
+    best_valid_score, best_valid_result = trainer.fit(train_data, valid_data, verbose=False, saved=saved,
+                                                      callback_fn=callback)
+    test_result = trainer.evaluate(test_data, load_best_model=saved)
+    if report is not None:  # once per trial (RecBole's own path reports twice and fails on ray 2.6)
+        report({"valid_score": float(best_valid_score), "best_valid_score": float(best_valid_score),
+                **{f"valid_{k}": float(v) for k, v in (best_valid_result or {}).items()},
+                **{f"test_{k}": float(v) for k, v in test_result.items()}})
     return {
         "model": config["model"],
         "best_valid_score": best_valid_score,
