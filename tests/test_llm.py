@@ -56,6 +56,10 @@ def test_cuda_requested_without_cuda_is_a_clear_error():
         resolve_device("cuda")
     with pytest.raises(ValueError, match="CUDA is not available"):
         load_causal_lm(tiny_llm_path(), device="cuda")
+    with pytest.raises(ValueError, match="CUDA is not available"):  # before any GGUF conversion
+        load_causal_lm(device="cuda")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        load_text_encoder(device="cuda")
 
 
 def test_default_dtype():

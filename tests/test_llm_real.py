@@ -70,7 +70,7 @@ def test_chat_generation_is_english_text(smollm):
     model, tokenizer = smollm["model"], smollm["tokenizer"]
     prompts = build_chat_prompts(tokenizer, ["What is a microscope used for? Answer in one sentence.",
                                              "Name one use of a glass beaker."])
-    texts = generate_batched(model, tokenizer, prompts, max_new_tokens=24, progress=False)
+    texts = generate_batched(model, tokenizer, prompts, max_new_tokens=16, progress=False)
     assert len(texts) == 2
     for text in texts:
         words = re.findall(r"[A-Za-z]+", text)

@@ -248,6 +248,8 @@ def load_causal_lm(path=None, device=None, dtype="auto", num_layers=None, trust_
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = resolve_device(device)  # fail fast, before any GGUF conversion
+    dtype = default_dtype(device, dtype)
     path = bundled_llm_gguf() if path is None else _check_model_path(path, "LLM")
     if os.path.isfile(path):
         if not path.lower().endswith(".gguf"):
@@ -270,8 +272,6 @@ def load_causal_lm(path=None, device=None, dtype="auto", num_layers=None, trust_
         config.num_hidden_layers = int(num_layers)
         if isinstance(getattr(config, "layer_types", None), list):
             config.layer_types = config.layer_types[: int(num_layers)]
-    device = resolve_device(device)
-    dtype = default_dtype(device, dtype)
     with _quiet_transformers(num_layers is not None):  # dropped layers are reported as "unexpected" keys
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, local_files_only=True,
                                                      trust_remote_code=trust_remote_code)
@@ -291,6 +291,8 @@ def load_text_encoder(path=None, device=None, dtype="auto"):
     """
     from transformers import AutoModel, AutoTokenizer
 
+    device = resolve_device(device)
+    dtype = default_dtype(device, dtype)
     path = bundled_encoder_dir() if path is None else _check_model_path(path, "Encoder")
     expected = "a local HF text-encoder directory (e.g. BERT/MiniLM: config.json + weights + tokenizer)"
     config = _load_config(path, "Encoder", expected)
@@ -298,8 +300,6 @@ def load_text_encoder(path=None, device=None, dtype="auto"):
         config.model_type not in _ENCODER_MODEL_TYPES and _is_decoder_llm(config)
     ):
         raise ValueError(f"Encoder path {path!r} holds a {config.model_type!r} generative model; expected {expected}.")
-    device = resolve_device(device)
-    dtype = default_dtype(device, dtype)
     model = AutoModel.from_pretrained(path, config=config, dtype=dtype, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return _freeze(model, device, dtype), _prepare_tokenizer(tokenizer, "right")
