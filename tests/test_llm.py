@@ -239,6 +239,14 @@ def test_left_padded_batch_matches_single_sequences(llm):
     assert not torch.allclose(batched[0], batched[1])  # different texts, different states
 
 
+def test_empty_inputs_give_empty_outputs(llm, encoder):
+    model, tokenizer = llm
+    assert encode_texts_last(model, tokenizer, [], progress=False).shape == (0, 32)
+    assert mean_pool_encode(*encoder, [], progress=False).shape == (0, 32)
+    assert generate_batched(model, tokenizer, [], progress=False) == []
+    assert sequence_logprobs(model, [], []) == []
+
+
 def test_encode_restores_input_order_across_batches(llm):
     model, tokenizer = llm
     a = encode_texts_last(model, tokenizer, TINY_TEXTS, batch_size=2, progress=False)

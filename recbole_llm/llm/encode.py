@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from recbole_llm.llm.loader import backbone_of, input_embeddings
+from recbole_llm.llm.loader import backbone_of, hidden_size, input_embeddings
 
 
 def backbone(model):
@@ -47,6 +47,8 @@ def last_hidden_from_embeds(model, inputs_embeds, attention_mask):
 
 
 def _length_sorted_batches(tokenizer, texts, batch_size, max_length):
+    if not texts:
+        return []
     lengths = [len(ids) for ids in tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
     if max_length is not None:
         lengths = [min(n, max_length) for n in lengths]
@@ -76,7 +78,7 @@ def encode_texts_last(model, tokenizer, texts, batch_size=16, max_length=None, p
     """
     texts = _check_texts(texts)
     device = next(model.parameters()).device
-    out = torch.empty(len(texts), model.config.hidden_size, dtype=torch.float32)
+    out = torch.empty(len(texts), hidden_size(model), dtype=torch.float32)
     embed = input_embeddings(model)
     for index in tqdm(_length_sorted_batches(tokenizer, texts, batch_size, max_length),
                       desc="LLM encode", disable=not progress):
@@ -91,7 +93,7 @@ def mean_pool_encode(encoder, tokenizer, texts, batch_size=64, max_length=128, n
     sentence-transformers does for all-MiniLM-L6-v2; L2-normalised unless normalize=False."""
     texts = _check_texts(texts)
     device = next(encoder.parameters()).device
-    out = torch.empty(len(texts), encoder.config.hidden_size, dtype=torch.float32)
+    out = torch.empty(len(texts), hidden_size(encoder), dtype=torch.float32)
     for index in tqdm(_length_sorted_batches(tokenizer, texts, batch_size, max_length),
                       desc="Text encode", disable=not progress):
         ids, mask = _tokenize(tokenizer, [texts[i] for i in index], max_length, device)

@@ -62,6 +62,8 @@ def generate_with_ids(model, tokenizer, prompts, max_new_tokens=64, batch_size=3
     if tokenizer.padding_side != "left":
         raise ValueError("generation needs a left-padding tokenizer (tokenizer.padding_side='left'); "
                          "load it with load_causal_lm.")
+    if not prompts:
+        return []
     device = _device(model)
     stop_ids = _stop_ids(model, tokenizer)
     options = dict(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty, do_sample=do_sample,
