@@ -152,7 +152,9 @@ def run_ray(model, dataset, params_file, config_files=None, num_samples=4, cpus_
         functools.partial(_ray_trial, model=model, dataset=dataset, config_files=_absolute(config_files),
                           profile=profile, report=report),
         {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
-    scheduler = ASHAScheduler(max_t=max_epochs or 100, grace_period=1) if report == "epoch" else None
+    # One report per evaluated epoch plus the final one with the test metrics: ASHA must let a trial that
+    # was not stopped early reach that last report.
+    scheduler = ASHAScheduler(max_t=(max_epochs or 100) + 1, grace_period=1) if report == "epoch" else None
     tuner = tune.Tuner(
         trainable,
         param_space={**fixed, **space},
