@@ -8,11 +8,11 @@ disaster movies"). The figure shows the idea, not a verbatim string; the wording
 
 import hashlib
 
-KNOWLEDGE_SYSTEM = "You are a helpful assistant who knows products, books, movies and their audiences."
+KNOWLEDGE_SYSTEM = "Be brief."  # short on purpose: the prompt's prefill dominates CPU generation time
 
 KNOWLEDGE_TEMPLATE = (
     "Item: {attrs}\n"
-    "In two short sentences, describe this item and say what kind of users would like it."
+    "Briefly describe this item and say what kind of users would like it."
 )
 
 
