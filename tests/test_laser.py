@@ -1,0 +1,298 @@
+"""Laser on tiny models: M-Former routing/masks, frozen parts, Bi-Tuning inputs, loss, two-stage trainer,
+checkpoints, resume, item-matrix cache, ablation switches."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import helpers_laser as H  # noqa: E402
+
+from recbole_llm.model.sequential_recommender.mformer import (  # noqa: E402
+    MFormer, load_balance_loss, masked_router_probs)
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    # one folder for the whole module: the frozen BERT4Rec is trained once and then read from its cache
+    return tmp_path_factory.mktemp("laser")
+
+
+@pytest.fixture(scope="module")
+def built(root):
+    return H.build(root)
+
+
+# ------------------------------------------------------------------------------------------- M-Former
+def test_router_probs_and_load_balance_follow_eq_6_to_11():
+    logits = torch.tensor([[[2.0, 0.0], [0.0, 2.0], [9.0, -9.0]]])  # third item is padding
+    mask = torch.tensor([[True, True, False]])
+    probs, scores = masked_router_probs(logits, mask)
+    assert torch.allclose(probs[0, 2], torch.zeros(2))
+    assert torch.allclose(scores, torch.tensor([[0.5, 0.5]]), atol=1e-6)  # padding would have tilted it to 0
+    # f = (1/2, 1/2), P = (1/2, 1/2) -> K * sum f P = 2 * 0.5 = 1
+    assert load_balance_loss(probs, mask).item() == pytest.approx(1.0, abs=1e-6)
+    skewed = torch.tensor([[[3.0, 0.0], [3.0, 0.0]]])
+    probs, _ = masked_router_probs(skewed, torch.ones(1, 2, dtype=torch.bool))
+    p0 = torch.softmax(torch.tensor([3.0, 0.0]), 0)[0].item()
+    assert load_balance_loss(probs, torch.ones(1, 2, dtype=torch.bool)).item() == pytest.approx(2 * p0, abs=1e-5)
+
+
+def _mformer(**kw):
+    torch.manual_seed(0)
+    args = dict(n_experts=3, n_query_tokens=2, hidden_size=16, n_layers=3, n_heads=2, inner_size=32, dropout=0.0)
+    args.update(kw)
+    return MFormer(8, 12, **args).eval()
+
+
+def test_mformer_shapes_and_padding_is_never_routed_or_attended():
+    model = _mformer()
+    collab = torch.randn(4, 5, 8)
+    lengths = torch.tensor([5, 3, 1, 2])
+    mask = torch.arange(5)[None] < lengths[:, None]
+    prefix, lb, chosen = model(collab, mask)
+    assert prefix.shape == (4, 2, 12) and chosen.shape == (4,) and lb.dim() == 0
+    assert [b.cross_attention for b in model.blocks] == [True, False, True]
+    noisy = collab.clone()
+    noisy[~mask] = torch.randn(int((~mask).sum()), 8) * 100
+    prefix2, lb2, chosen2 = model(noisy, mask)
+    assert torch.equal(chosen, chosen2)
+    assert torch.allclose(prefix, prefix2, atol=1e-5) and torch.allclose(lb, lb2)
+    # real positions do matter
+    changed = collab.clone()
+    changed[0, 0] += 5
+    assert not torch.allclose(model(changed, mask)[0][0], prefix[0])
+
+
+def test_router_gradient_modes():
+    collab, mask = torch.randn(3, 4, 8), torch.ones(3, 4, dtype=torch.bool)
+    gated = _mformer(router_gradient="gate")
+    gated(collab, mask)[0].pow(2).sum().backward()
+    assert gated.router.weight.grad is not None and gated.router.weight.grad.abs().sum() > 0
+    lb_only = _mformer(router_gradient="lb_only")
+    lb_only(collab, mask)[0].pow(2).sum().backward()
+    assert lb_only.router.weight.grad is None  # only L_LB would reach it
+    assert lb_only.experts.grad is not None
+    with pytest.raises(ValueError, match="router_gradient"):
+        _mformer(router_gradient="soft")
+
+
+# --------------------------------------------------------------------------------------- model parts
+def test_frozen_sr_states_cache_and_state_dict(built, root, monkeypatch):
+    config, model, train_data, _, _ = built
+    batch = H.first_batch(train_data)
+    states, mask = model.frozen_sr(batch["item_id_list"], batch["item_length"])
+    assert states.shape == (*batch["item_id_list"].shape, 16)
+    assert torch.equal(mask, torch.arange(5)[None] < batch["item_length"][:, None])
+    assert not model.frozen_sr.training and not any(p.requires_grad for p in model.frozen_sr.parameters())
+    cached = os.listdir(os.path.join(str(root), "saved", "frozen_sr"))
+    assert len(cached) == 1 and cached[0].startswith("BERT4Rec-tiny-laser-")
+    keys = model.state_dict().keys()
+    assert not any(k.startswith(("llm.", "frozen_sr.")) for k in keys) and "suffix" in keys
+    # a second build reads the cache instead of training again
+    import recbole_llm.model.frozen_sr as frozen_sr
+
+    monkeypatch.setattr(frozen_sr, "train_frozen_sr", lambda *a, **k: pytest.fail("retrained a cached SR"))
+    H.build(root, n_experts=2)
+
+
+def test_text_template_pieces(built):
+    _, model, _, _, _ = built
+    seq, length = torch.tensor([[3, 5, 0, 0, 0]]), torch.tensor([2])
+    text = model.tokenizer.decode(model.user_token_ids(seq, length)[0])
+    assert text.startswith("You are an intelligent recommendation assistant.")
+    assert "into a single token based on the browsing history" in text
+    assert "\n>> 1." in text and "\n>> 2." in text and "\n>> 3." not in text
+    item_text = model.tokenizer.decode(model.item_token_ids(torch.tensor([3]))[0])
+    assert item_text.startswith("You are an intelligent") and "\n>> 1." in item_text
+
+
+def test_only_prefix_suffix_mformer_get_gradients(built):
+    _, model, train_data, _, _ = built
+    model.train()
+    model.refresh_item_matrix(show_progress=False)
+    model.zero_grad()
+    sum(model.calculate_loss(H.first_batch(train_data))).backward()
+    for name, param in model.llm.named_parameters():
+        assert not param.requires_grad and param.grad is None, name
+    for name, param in model.frozen_sr.named_parameters():
+        assert not param.requires_grad and param.grad is None, name
+    trainable = H.trainable_names(model)
+    assert trainable and all(n == "suffix" or n.startswith("prefix_module.") for n in trainable)
+    assert model.suffix.grad is not None and model.suffix.grad.abs().sum() > 0
+    assert model.prefix_module.experts.grad.abs().sum() > 0
+    assert model.prefix_module.blocks[0].cross_attn.in_proj_weight.grad.abs().sum() > 0
+
+
+def test_left_padding_does_not_change_user_embedding(built):
+    _, model, _, _, _ = built
+    model.eval()
+    seq = torch.tensor([[1, 2, 3, 4, 5], [6, 0, 0, 0, 0]])
+    length = torch.tensor([5, 1])
+    with torch.no_grad():
+        both = model.forward(seq, length)[0]
+        alone = model.forward(seq[1:], length[1:])[0]
+    assert torch.allclose(both[1], alone[0], atol=1e-4)
+
+
+def test_item_matrix_cache_and_full_sort_uses_it(built, monkeypatch):
+    _, model, _, valid_data, _ = built
+    model.eval()
+    model.refresh_item_matrix(force=True, show_progress=False)
+    assert model.refresh_item_matrix(show_progress=False) is False  # nothing changed: not recomputed
+    model.mark_parameters_updated()
+    assert model.refresh_item_matrix(show_progress=False) is True
+    interaction = H.first_batch(valid_data)[0]
+    fixed = torch.nn.functional.normalize(torch.randn(model.n_items, model.llm_size), dim=-1)
+    model.item_matrix = fixed
+    monkeypatch.setattr(model, "refresh_item_matrix", lambda *a, **k: pytest.fail("refreshed during predict"))
+    with torch.no_grad():
+        scores = model.full_sort_predict(interaction)
+        users = torch.nn.functional.normalize(model.forward(interaction["item_id_list"],
+                                                            interaction["item_length"])[0], dim=-1)
+    assert scores.shape == (len(interaction), model.n_items)
+    assert torch.allclose(scores, users @ fixed.t(), atol=1e-5)
+
+
+def test_loss_decreases_over_a_few_steps(root):
+    config, model, train_data, _, _ = H.build(root, learning_rate=0.01)
+    batch = H.first_batch(train_data)
+    model.refresh_item_matrix(show_progress=False)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    model.train()
+    losses = []
+    for _ in range(12):
+        optimizer.zero_grad()
+        loss = sum(model.calculate_loss(batch))
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+# --------------------------------------------------------------------------------------------- trainer
+def test_two_stage_fit_checkpoint_and_resume(root):
+    from recbole_llm.trainer.laser_trainer import LaserTrainer
+
+    config, model, train_data, valid_data, test_data = H.build(root, stage1_epochs=2, stage2_epochs=1)
+    trainer = LaserTrainer(config, model)
+    assert all(p.requires_grad for group in trainer.optimizer.param_groups for p in group["params"])
+    refreshes = []
+    original = model.refresh_item_matrix
+
+    def counting(*args, **kwargs):
+        done = original(*args, **kwargs)
+        refreshes.append((model.training_stage, done))
+        return done
+
+    model.refresh_item_matrix = counting
+    stage1_matrices = []
+    trainer_valid = trainer._valid_epoch
+
+    def remember(valid, show_progress=False):
+        if model.training_stage == 1:
+            stage1_matrices.append(model.item_matrix.clone())
+        return trainer_valid(valid, show_progress=show_progress)
+
+    trainer._valid_epoch = remember
+    trainer.fit(train_data, valid_data, saved=True)
+    assert [r for r in refreshes if r[1]] == [(1, True), (1, True)]  # once per stage-1 epoch, none in stage 2
+    assert model.training_stage == 2
+    assert any(torch.equal(model.item_matrix, m) for m in stage1_matrices)  # stage 2 uses a stage-1 matrix
+
+    checkpoint = torch.load(trainer.saved_model_file, weights_only=True)
+    assert checkpoint["laser_stage"] == 2 and checkpoint["other_parameter"]["training_stage"] == 2
+    assert not any(k.startswith(("llm.", "frozen_sr.")) for k in checkpoint["state_dict"])
+    assert torch.equal(checkpoint["other_parameter"]["item_matrix"], model.item_matrix)
+    result = trainer.evaluate(test_data, load_best_model=True)
+    assert set(result) == {"recall@10", "ndcg@10", "mrr@10"}
+
+    # reload into a fresh model: same weights, same matrix, same scores
+    _, fresh, _, _, _ = H.build(root, stage1_epochs=2, stage2_epochs=1)
+    fresh.load_state_dict(checkpoint["state_dict"])
+    fresh.load_other_parameter(checkpoint["other_parameter"])
+    model.eval(), fresh.eval()
+    interaction = H.first_batch(test_data)[0]
+    with torch.no_grad():
+        assert torch.allclose(model.full_sort_predict(interaction), fresh.full_sort_predict(interaction), atol=1e-5)
+
+    # resume from the stage-2 checkpoint: continues in stage 2, nothing left to train
+    resumed = LaserTrainer(config, fresh)
+    resumed.resume_checkpoint(trainer.saved_model_file)
+    assert fresh.training_stage == 2 and resumed.start_epoch == checkpoint["epoch"] + 1
+
+
+def test_resume_from_stage1_checkpoint_moves_on_to_stage2(root):
+    from recbole_llm.trainer.laser_trainer import LaserTrainer
+
+    config, model, train_data, valid_data, _ = H.build(root, stage1_epochs=1, stage2_epochs=1, skip_stage2=True)
+    trainer = LaserTrainer(config, model)
+    trainer.fit(train_data, valid_data, saved=True)
+    assert model.training_stage == 1
+    stage1_matrix = model.item_matrix.clone()
+    config2, model2, _, _, _ = H.build(root, stage1_epochs=1, stage2_epochs=1)
+    trainer2 = LaserTrainer(config2, model2)
+    trainer2.resume_checkpoint(trainer.saved_model_file)
+    assert trainer2.start_epoch == 1 and model2.training_stage == 1
+    trainer2.fit(train_data, valid_data, saved=False)
+    assert model2.training_stage == 2
+    assert torch.equal(model2.item_matrix, stage1_matrix)  # stage 2 kept the best stage-1 matrix
+
+
+# -------------------------------------------------------------------------------------------- ablations
+ABLATIONS = [
+    {"use_moe": False},
+    {"use_mformer": False},
+    {"use_prefix": False},
+    {"pooling": "mean"},
+    {"pooling": "eos"},
+    {"template": "no_single_token"},
+    {"template": "no_instruction"},
+    {"template": "item_instruction"},
+    {"frozen_sr_model": "SASRec"},
+    {"iic_positive_grad": True},
+    {"skip_stage1": True},
+    {"skip_stage2": True},
+]
+
+
+@pytest.mark.parametrize("switch", ABLATIONS, ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()))
+def test_each_ablation_builds_and_trains(root, switch):
+    from recbole_llm.trainer.laser_trainer import LaserTrainer
+
+    config, model, train_data, valid_data, _ = H.build(root, stage1_epochs=1, stage2_epochs=1,
+                                                       train_samples_per_epoch=8, **switch)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer = LaserTrainer(config, model)
+    trainer.fit(train_data, valid_data, saved=False)
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert changed
+    if switch.get("use_prefix") is False:
+        assert model.prefix_module is None
+    if switch.get("use_moe") is False:
+        assert model.prefix_module.n_experts == 1
+    if switch.get("pooling") in ("mean", "eos"):
+        assert not hasattr(model, "suffix") or not isinstance(model.suffix, torch.nn.Parameter)
+    if "skip_stage1" in switch:
+        assert trainer.stage1_epochs == 0 and model.training_stage == 2
+    if "skip_stage2" in switch:
+        assert trainer.stage2_epochs == 0 and model.training_stage == 1
+    if "template" in switch:
+        text = model.tokenizer.decode(model.item_token_ids(torch.tensor([1]))[0])
+        if switch["template"] == "no_instruction":
+            assert text.startswith("\n>> 1.")
+        elif switch["template"] == "no_single_token":
+            assert "single token" not in text and "Please summarize the user's characteristics based" in text
+        else:
+            assert "Please summarize the item characteristics into a single token:" in text
+
+
+def test_bad_keys_give_clear_errors(root):
+    with pytest.raises(ValueError, match="pooling"):
+        H.build(root, pooling="max")
+    with pytest.raises(ValueError, match="frozen_sr_model"):
+        H.build(root, frozen_sr_model="GRU4Rec")
