@@ -51,7 +51,7 @@ def test_defaults_geometry_and_yaml():
     from recbole_llm.config import Config
 
     config = Config(model="PAUP", dataset="ml-100k", config_dict={"MAX_ITEM_LIST_LENGTH": 50}, cmd_args=[])
-    assert (config["seg_num"], config["kernel_size"], config["n_layers"], config["n_heads"]) == (4, 10, 2, 2)
+    assert (config["seg_num"], config["kernel_size"], config["n_layers"], config["n_heads"]) == (4, 5, 2, 2)
     assert (config["hidden_size"], config["inner_size"], config["loss_type"]) == (64, 256, "CE")
     # n=50, k1=10: 5 first-level blocks, k2=ceil(5/4)=2, segments of 20 positions
     assert segment_geometry(50, 10, 4) == (5, 2)
