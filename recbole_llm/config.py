@@ -24,6 +24,27 @@ def plugin_model_yaml(model_name):
     return path if os.path.isfile(path) else None
 
 
+def apply_plugin_defaults(config, model_name):
+    """Fill ``config`` with the plugin's YAML defaults for ``model_name`` when it was built by RecBole's own
+    ``Config`` (e.g. ``recbole.quick_start.run_recbole(model="Laser")``), which does not know the plugin's
+    YAMLs. Values the user gave (files, dicts, flags) are kept; RecBole's internal defaults are overridden,
+    as the plugin ``Config`` does. A plugin ``Config`` is left untouched."""
+    if isinstance(config, Config):
+        return
+    path = plugin_model_yaml(model_name)
+    if path is None:
+        return
+    import yaml
+
+    loader = getattr(config, "yaml_loader", None) or RecBoleConfig._build_yaml_loader(config)
+    with open(path) as f:
+        defaults = yaml.load(f, Loader=loader) or {}  # RecBole's loader: reads 1e-4 as a float
+    user_keys = set(getattr(config, "external_config_dict", {}) or {})
+    for key, value in defaults.items():
+        if key not in user_keys:
+            config[key] = value
+
+
 def _foreign_argv():
     """True when sys.argv belongs to a host program (pytest, a Ray worker) rather than to us."""
     prog = os.path.basename(sys.argv[0]) if sys.argv else ""
