@@ -15,30 +15,30 @@ TITLES = ["Glass Beaker 250ml", "Digital Thermometer", "Nitrile Gloves", "Lab Ki
 BRANDS = ["Pyrex", "Etekcity", "", "Eisco", "AmScope", "iGaging", "3M", "Hydrion", "", "Duracell", "Philips", "Eisco"]
 
 
-def write_tiny_dataset(root):
-    """Atomic files for DATASET under ``root``; returns the data_path to put in the config."""
+def write_tiny_dataset(root, n_items=N_ITEMS):
+    """Atomic files for DATASET (its first ``n_items`` items) under ``root``; returns the data_path."""
     folder = os.path.join(str(root), DATASET)
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, f"{DATASET}.item"), "w", encoding="utf-8") as f:
         f.write("item_id:token\ttitle:token\tbrand:token\tcategories:token_seq\n")
-        for i, (title, brand) in enumerate(zip(TITLES, BRANDS)):
+        for i, (title, brand) in enumerate(zip(TITLES[:n_items], BRANDS[:n_items])):
             f.write(f"i{i}\t{title}\t{brand}\tIndustrial & Scientific|Lab\n")
     g = torch.Generator().manual_seed(0)
     with open(os.path.join(folder, f"{DATASET}.inter"), "w", encoding="utf-8") as f:
         f.write("user_id:token\titem_id:token\ttimestamp:float\n")
         for u in range(N_USERS):
-            items = torch.randperm(N_ITEMS, generator=g)[:8].tolist()
+            items = torch.randperm(n_items, generator=g)[:8].tolist()
             for t, i in enumerate(items):
                 f.write(f"u{u}\ti{i}\t{t}\n")
     return str(root)
 
 
-def tiny_config_dict(tmp_path, **overrides):
+def tiny_config_dict(tmp_path, n_items=N_ITEMS, **overrides):
     """Small model/training settings, caches in tmp_path, tiny LLM and encoder paths."""
     from recbole_llm.llm.tiny import tiny_encoder_dir, tiny_llm_dir
 
     cfg = {
-        "data_path": write_tiny_dataset(tmp_path / "data"),
+        "data_path": write_tiny_dataset(tmp_path / "data", n_items),
         "USER_ID_FIELD": "user_id", "ITEM_ID_FIELD": "item_id", "TIME_FIELD": "timestamp", "RATING_FIELD": None,
         "field_separator": "\t", "seq_separator": "|",
         "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "title", "brand", "categories"]},

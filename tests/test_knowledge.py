@@ -168,18 +168,22 @@ def test_knowledge_source_item_text_needs_no_llm(tiny, monkeypatch):
         K.knowledge_matrix(dataset, config)
 
 
-def test_real_smollm2_and_minilm_three_items(tiny):
-    """The bundled models end to end on three items, few tokens."""
-    from recbole_llm.llm.generate import generate_batched
-    from recbole_llm.llm.loader import load_causal_lm, load_text_encoder
+def test_real_smollm2_and_minilm_three_items(tmp_path):
+    """The bundled models through the real path (prompt, chat template, batched greedy generation, cache,
+    MiniLM encoding) on a three-item dataset, few tokens."""
+    from recbole.data import create_dataset
 
-    config, dataset = tiny
-    source = K.item_source_texts(dataset, config)[1:4]
-    llm, tokenizer = load_causal_lm(None, device="cpu")
-    prompts = K.knowledge_prompts(source, tokenizer)
-    assert all(s in p for s, p in zip(source, prompts)) and "<|im_start|>assistant" in prompts[0]
-    texts = generate_batched(llm, tokenizer, prompts, max_new_tokens=8, batch_size=3, progress=False)
-    assert len(texts) == 3 and all(isinstance(t, str) and t.strip() for t in texts)
-    config["encoder_path"] = None
-    vectors = K.encode_knowledge([""] + texts, config, encoder=load_text_encoder(None, device="cpu"), progress=False)
-    assert vectors.shape == (4, 384) and torch.allclose(vectors[1:].norm(dim=1), torch.ones(3), atol=1e-4)
+    from recbole_llm.config import Config
+
+    config = Config(model="SASRecSeRALM", dataset=DATASET, cmd_args=[], config_dict=tiny_config_dict(
+        tmp_path, n_items=3, llm_path=None, encoder_path=None, knowledge_max_new_tokens=8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dataset = create_dataset(config)
+    assert dataset.item_num == 4
+    matrix = K.knowledge_matrix(dataset, config)
+    texts = K.generate_knowledge(dataset, config, generate_fn=FakeGenerator(fail_on_batch=0))  # cached: no call
+    assert texts[0] == "" and all(isinstance(t, str) and t.strip() for t in texts[1:])
+    assert all(t != fake_knowledge(s) for t, s in zip(texts[1:], K.item_source_texts(dataset, config)[1:]))
+    assert matrix.shape == (4, 384) and torch.all(matrix[0] == 0)
+    assert torch.allclose(matrix[1:].norm(dim=1), torch.ones(3), atol=1e-4)
