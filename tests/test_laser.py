@@ -296,3 +296,18 @@ def test_bad_keys_give_clear_errors(root):
         H.build(root, pooling="max")
     with pytest.raises(ValueError, match="frozen_sr_model"):
         H.build(root, frozen_sr_model="GRU4Rec")
+
+
+def test_train_samples_per_epoch_bounds_the_steps(built):
+    from recbole_llm.trainer.laser_trainer import LaserTrainer
+
+    config, model, train_data, _, _ = built
+    trainer = LaserTrainer(config, model)
+    seen = []
+    trainer._train_epoch(train_data, 0, loss_func=lambda inter: (seen.append(len(inter)), model.calculate_loss(inter))[1])
+    assert sum(seen) == 16 and len(seen) == 2  # train_samples_per_epoch=16, batch 8
+    steps_before = model.param_version
+    assert model.item_matrix_version <= steps_before
+    first = [int(u) for u in H.first_batch(train_data)["user_id"]]
+    second = [int(u) for u in H.first_batch(train_data)["user_id"]]
+    assert first != second  # a different random subset each epoch
