@@ -18,6 +18,20 @@ r"""AlignmentTrainer: SeRALM's alignment training (paper 4.4, Algorithm 1) aroun
   checkpoints). The LoRA adapter is saved beside each checkpoint as ``<checkpoint>-lora.safetensors``.
 
 ``alignment: False`` skips A-C: exactly RecBole's Trainer (the paper's Base+NA_LLM).
+
+Choices where the paper is silent or loose (each is a config key, paper behaviour as default where it has one):
+- which items get sampled knowledge: the ``align_history_items`` most recent history items per instance,
+  one sample per distinct item per batch (see generator.py);
+- the KL term: Eq. 7's sampled difference has a non-zero gradient even when both LLMs agree, so the
+  default per-token estimator is k2 (``kl_estimator``), whose gradient is the score-function KL gradient;
+- normalisation: policy term = mean over instances of w * sum over tokens of log p(s|x); KL = mean over
+  texts of the per-token sum; no clipping of w unless ``align_ratio_clip`` is set;
+- off-policy samples (snapshot older than the current LLM) are used without importance correction, as the
+  paper's asynchronous generation does;
+- the frozen base p(y|x) is the variant's own base architecture trained once on the same split
+  (``frozen_base_model``/``frozen_base_checkpoint``); the warm-up phase A and the regenerate phase C are
+  our explicit schedule around Algorithm 1;
+- alignment runs in one process (no DDP); the text encoder is not trained during alignment.
 """
 
 import hashlib

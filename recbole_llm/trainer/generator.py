@@ -368,6 +368,8 @@ class _GeneratorActor:
         device = next(llm.parameters()).device
         recommender.to(device)
         frozen_base.to(device)
+        if isinstance(encode, KnowledgeEncoder):
+            encode.device = device  # the actor's own device, not the trainer's
         self.core = GeneratorCore(llm, tokenizer, prompts, recommender, frozen_base, encode, options)
 
     def refresh(self, lora, rec_state, step):
