@@ -258,3 +258,25 @@ def test_alignment_false_is_plain_recbole_training(tmp_path, shared_knowledge):
     assert best_a == best_b and result_a == result_b
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
     assert aligned.llm is None and not aligned.alignment_log
+
+
+def test_frozen_base_is_the_variants_base_trained_once_and_cached(tmp_path):
+    from recbole.model.sequential_recommender.caser import Caser
+
+    from recbole_llm.trainer.alignment_trainer import base_model_name, load_frozen_base
+
+    cache = tmp_path / "frozen"
+    config = tiny_config("CaserSeRALM", tmp_path, frozen_base_cache_dir=str(cache))
+    dataset, _, _, _ = tiny_data(config)
+    first = load_frozen_base(config, dataset)
+    assert type(first) is Caser and not any(p.requires_grad for p in first.parameters())
+    files = os.listdir(cache)
+    assert len(files) == 1 and files[0].startswith("Caser-tinyalign-")
+    stamp = os.path.getmtime(cache / files[0])
+    second = load_frozen_base(config, dataset)  # from the cache, not retrained
+    assert os.path.getmtime(cache / files[0]) == stamp
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    missing = tiny_config("CaserSeRALM", tmp_path, frozen_base_checkpoint=str(tmp_path / "nope.pth"))
+    with pytest.raises(FileNotFoundError, match="frozen_base_checkpoint"):
+        load_frozen_base(missing, dataset)
+    assert base_model_name(tiny_config("LightSANsSeRALM", tmp_path)) == "LightSANs"
