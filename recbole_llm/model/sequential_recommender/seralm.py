@@ -65,7 +65,9 @@ class KnowledgeItemEmbedding(nn.Module):
         return torch.cat([id_emb, projected], dim=-1) * (items != 0).unsqueeze(-1).to(id_emb.dtype)
 
     def forward(self, items):
-        return self._combine(self.id_embedding(items), self.knowledge_table()[items], items)
+        # Projecting the whole table then indexing is cheaper than projecting every position of a batch
+        # (n_items rows vs batch x length rows) and gives the same vectors.
+        return self.weight[items]
 
     @property
     def weight(self):
