@@ -1,0 +1,439 @@
+"""Quality benchmark: the plugin's models against RecBole's on one split, one evaluator, several seeds.
+
+    python benchmarks/quality.py                                  # CPU profiles, amazon-scientific + ml-100k, seeds 1 2 3
+    python benchmarks/quality.py --quick                          # < 10 min on 2 cores: ml-100k, 1 seed, tiny settings
+    python benchmarks/quality.py --gpu                            # the papers' sizes (profile "paper"), for a CUDA machine
+    python benchmarks/quality.py --models SASRec Laser --seeds 1  # a subset (model names or variant ids, see --list)
+    python benchmarks/quality.py --report-only                    # rebuild the table from the finished runs
+
+Every (dataset, variant, seed) goes through ``recbole_llm.quick_start.run_recbole_llm`` in its own child process
+(so one run cannot affect the next, and the child's peak memory is known) with the same dataset YAML
+(leave-one-out, time order, full ranking over all items, Recall/NDCG/MRR@10), the model's profile YAML
+(``-cpu`` or paper sizes) and the variant's overrides below. Each finished run is appended to
+``benchmarks/results/quality-<mode>.jsonl``; a second invocation skips the runs already there, so an interrupted
+benchmark resumes. The table (mean ± sample std over seeds) goes to ``quality-<mode>.md`` and NDCG@10 to
+``quality-<mode>.png``.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # noqa: E402
+
+METRICS = (("recall@10", "Recall@10"), ("ndcg@10", "NDCG@10"), ("mrr@10", "MRR@10"))
+BASELINES = ("SASRec", "BERT4Rec", "Caser", "LightSANs", "PAUP")
+SERALM_BASES = ("Caser", "SASRec", "PAUP", "LightSANs")
+DATASETS = ("amazon-scientific", "ml-100k")
+
+# Training keys shared by every ID-based model in CPU mode: the SeRALM -cpu profiles' values, given to the
+# RecBole baselines too, so a SeRALM variant and its base differ only in the knowledge.
+CPU_TRAIN = {"epochs": 10, "stopping_step": 2, "train_batch_size": 1024, "eval_batch_size": 4096,
+             "learning_rate": 0.002}
+# Aligned SeRALM on CPU: a short Algorithm-1 phase with the synchronous generator (a Ray actor would compete
+# with the trainer for the 2 cores), sampled texts as short as the -cpu profile's greedy knowledge. The
+# regeneration of every item's knowledge with the aligned LLM follows (as long as the first generation).
+CPU_ALIGNED = {"alignment": True, "alignment_steps": 20, "generator_mode": "sync", "align_max_new_tokens": 20,
+               "align_generation_batch_size": 32, "align_warmup_epochs": 1}
+# Quick mode (one pass through every code path of the selected models, minutes not hours).
+QUICK_TRAIN = {"epochs": 1, "train_batch_size": 1024, "eval_batch_size": 4096, "learning_rate": 0.002}
+QUICK_SERALM = {"knowledge_source": "item_text", "alignment": False}
+QUICK_LASER = {"llm_num_layers": 1, "stage1_epochs": 1, "stage2_epochs": 1, "frozen_sr_epochs": 1,
+               "train_samples_per_epoch": 64, "encode_batch_size": 64}
+QUICK_MODELS = ("SASRec", "PAUP", "SASRecSeRALM-NA", "Laser")
+
+
+@dataclass
+class Variant:
+    """One row of the table: a model with config overrides."""
+    id: str                      # short name for --models, e.g. SASRecSeRALM-aligned
+    label: str                   # row label in the table
+    model: str                   # RecBole / plugin model name
+    family: str                  # baseline | seralm | laser
+    overrides: dict = field(default_factory=dict)
+    base: str = None             # seralm: the base model's variant id
+
+
+def variants(mode):
+    """Every variant of the benchmark for ``mode`` ("quick", "cpu" or "gpu"), cheapest first."""
+    quick, cpu = mode.startswith("quick"), mode == "cpu"
+    train = QUICK_TRAIN if quick else (CPU_TRAIN if cpu else {})
+    out = [Variant(name, name, name, "baseline", dict(train)) for name in BASELINES]
+    for base in SERALM_BASES:
+        model = f"{base}SeRALM"
+        na = dict(train, alignment=False)
+        na.update(QUICK_SERALM if quick else {})
+        knowledge = "item text" if quick else "LLM"
+        out.append(Variant(f"{model}-NA", f"{model} (NA_LLM, {knowledge} knowledge)", model, "seralm", na, base))
+    for base in SERALM_BASES:
+        model = f"{base}SeRALM"
+        aligned = dict(train, **(CPU_ALIGNED if cpu else {"alignment": True}))
+        if quick:
+            aligned.update(knowledge_source="llm", alignment_steps=2, generator_mode="sync",
+                           align_max_new_tokens=8, align_warmup_epochs=0, knowledge_max_new_tokens=8)
+        out.append(Variant(f"{model}-aligned", f"{model} (aligned LLM)", model, "seralm", aligned, base))
+    laser = dict(QUICK_LASER) if quick else {}
+    out += [
+        Variant("Laser", "Laser", "Laser", "laser", dict(laser)),
+        Variant("Laser-no_mformer", "Laser w/o M-Former", "Laser", "laser", dict(laser, use_mformer=False)),
+        Variant("Laser-no_prefix", "Laser w/o prefix", "Laser", "laser", dict(laser, use_prefix=False)),
+        Variant("Laser-no_stage1", "Laser w/o stage 1", "Laser", "laser", dict(laser, skip_stage1=True)),
+    ]
+    return out
+
+
+def select(all_variants, names):
+    """Variants named by model name (all its variants) or by variant id; unknown names are an error."""
+    if not names:
+        return all_variants
+    known = {v.id for v in all_variants} | {v.model for v in all_variants}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"error: unknown --models {unknown}; choose from {sorted(known)}")
+    return [v for v in all_variants if v.id in names or v.model in names]
+
+
+def config_digest(config_dict):
+    return hashlib.sha256(json.dumps(config_dict, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def plan(args, mode):
+    """The (dataset, variant, seed, config_dict) runs of this invocation, seed-major so a partial run covers models."""
+    chosen = select(variants(mode), args.models or (list(QUICK_MODELS) if mode.startswith("quick") else None))
+    extra = common.parse_overrides(args.set)
+    runs = []
+    for seed in args.seeds:
+        for dataset in args.datasets:
+            for variant in chosen:
+                config_dict = dict(variant.overrides, **extra, seed=seed, show_progress=False)
+                digest = config_digest({"model": variant.model, "dataset": dataset, "profile": args.profile,
+                                        **config_dict})
+                run_id = f"{dataset}|{variant.id}|seed={seed}|{digest}"
+                runs.append({"run_id": run_id, "dataset": dataset, "variant": variant, "seed": seed,
+                             "config_dict": config_dict})
+    return runs
+
+
+# ------------------------------------------------------------------------------------------ child side
+def child_main(spec_path):
+    """In the child process: one run_recbole_llm, result written as JSON next to the spec."""
+    common.apply_thread_cap()
+    with open(spec_path) as f:
+        spec = json.load(f)
+    os.chdir(spec["work_dir"])  # RecBole writes log/ and log_tensorboard/ into the working directory
+    from recbole_llm.quick_start import run_recbole_llm
+
+    start = time.perf_counter()
+    result = run_recbole_llm(spec["model"], spec["dataset"], config_dict=spec["config_dict"], cmd_args=[],
+                             profile=spec["profile"], saved=True)
+    elapsed = time.perf_counter() - start
+    saved_file = result.get("saved_model_file")
+    if saved_file and os.path.isfile(saved_file) and not spec.get("keep_checkpoints"):
+        os.remove(saved_file)
+    peak_cuda = None
+    import torch
+
+    if torch.cuda.is_available():
+        peak_cuda = torch.cuda.max_memory_allocated() / 2 ** 20
+    common.write_json(spec["result_path"], {
+        "test": {k: float(v) for k, v in result["test_result"].items()},
+        "valid": {k: float(v) for k, v in (result["best_valid_result"] or {}).items()},
+        "run_s": elapsed, "cuda_peak_mib": peak_cuda,
+    })
+
+
+# ----------------------------------------------------------------------------------------- parent side
+def run_one(run, args, mode, jsonl_path):
+    variant = run["variant"]
+    work_dir = args.work_dir or common.default_work_dir(mode)
+    slug = run["run_id"].replace("|", "_").replace("=", "")
+    spec_dir = os.path.join(work_dir, "runs")
+    spec_path = os.path.join(spec_dir, f"{slug}.json")
+    result_path = os.path.join(spec_dir, f"{slug}.result.json")
+    log_path = os.path.join(work_dir, "logs", f"{slug}.log")
+    config_dict = dict(run["config_dict"], checkpoint_dir=os.path.join(work_dir, "saved"))
+    if os.path.exists(result_path):
+        os.remove(result_path)
+    common.write_json(spec_path, {"model": variant.model, "dataset": run["dataset"], "config_dict": config_dict,
+                                  "profile": args.profile, "work_dir": work_dir, "result_path": result_path})
+    loads = [common.load_average()]
+    started = common.now_utc()
+    rc, wall, peak = common.run_child([sys.executable, os.path.abspath(__file__), "--child", spec_path], log_path,
+                                      env=common.child_env(args.threads), timeout=args.timeout)
+    loads.append(common.load_average())
+    record = {"run_id": run["run_id"], "mode": mode, "dataset": run["dataset"], "variant": variant.id,
+              "label": variant.label, "model": variant.model, "family": variant.family, "base": variant.base,
+              "seed": run["seed"], "profile": args.profile, "overrides": run["config_dict"],
+              "started": started, "wall_s": round(wall, 1), "peak_rss_mib": round(peak, 1),
+              "loadavg_start": loads[0], "loadavg_end": loads[1], "log": log_path}
+    if rc == 0 and os.path.isfile(result_path):
+        with open(result_path) as f:
+            record.update(status="ok", **json.load(f))
+    else:
+        record.update(status="failed", returncode=rc, error=common.log_tail(log_path))
+    common.append_jsonl(jsonl_path, record)
+    return record
+
+
+def finished_ids(jsonl_path):
+    return {r["run_id"] for r in common.read_jsonl(jsonl_path) if r.get("status") == "ok"}
+
+
+# --------------------------------------------------------------------------------------------- report
+def _latest_by_run(records, wanted_ids):
+    """The last record of each planned run id (a retried failure is replaced by its success)."""
+    latest = {}
+    for record in records:
+        if record["run_id"] in wanted_ids:
+            if record.get("status") == "ok" or latest.get(record["run_id"], {}).get("status") != "ok":
+                latest[record["run_id"]] = record
+    return latest
+
+
+def aggregate(records, runs):
+    """{dataset: {variant_id: {"label", "ok": [records], "failed": [records]}}} in plan order."""
+    latest = _latest_by_run(records, {r["run_id"] for r in runs})
+    table = {}
+    for run in runs:
+        variant = run["variant"]
+        row = table.setdefault(run["dataset"], {}).setdefault(
+            variant.id, {"variant": variant, "ok": [], "failed": [], "pending": 0})
+        record = latest.get(run["run_id"])
+        if record is None:
+            row["pending"] += 1
+        elif record.get("status") == "ok":
+            row["ok"].append(record)
+        else:
+            row["failed"].append(record)
+    return table
+
+
+def _values(row, key):
+    return [r["test"][key] for r in row["ok"] if key in r.get("test", {})]
+
+
+def _mean(row, key):
+    mean, _ = common.mean_std(_values(row, key))
+    return mean
+
+
+def claims(table):
+    """Lines comparing each SeRALM variant with its base and Laser with every other model (NDCG@10)."""
+    lines = []
+    for dataset, rows in table.items():
+        for vid, row in rows.items():
+            variant = row["variant"]
+            if variant.family == "seralm" and variant.base in rows:
+                lines.append(_claim_line(dataset, row, rows[variant.base], "beats its base"))
+        laser = rows.get("Laser")
+        if laser and laser["ok"]:
+            others = [r for r in rows.values() if r["variant"].family != "laser" and r["ok"]]
+            beaten = [r["variant"].label for r in others if _mean(laser, "ndcg@10") > _mean(r, "ndcg@10")]
+            not_beaten = [r["variant"].label for r in others if r["variant"].label not in beaten]
+            if others:
+                verdict = "holds" if not not_beaten else "does not hold"
+                lines.append(f"- {dataset}: Laser beats every other model: **{verdict}** (NDCG@10 "
+                             f"{_mean(laser, 'ndcg@10'):.4f}; beats {len(beaten)}/{len(others)}"
+                             + (f"; not: {', '.join(not_beaten)}" if not_beaten else "") + ")")
+    return lines
+
+
+def _claim_line(dataset, row, base, what):
+    label, base_label = row["variant"].label, base["variant"].label
+    if not row["ok"] or not base["ok"]:
+        return f"- {dataset}: {label} {what} ({base_label}): not measured"
+    a, b = _values(row, "ndcg@10"), _values(base, "ndcg@10")
+    mean_a, std_a = common.mean_std(a)
+    mean_b, std_b = common.mean_std(b)
+    delta = mean_a - mean_b
+    spread = max(s for s in (std_a, std_b, 0.0) if s is not None)
+    verdict = "holds" if delta > 0 else "does not hold"
+    if len(a) < 2 or len(b) < 2:
+        qualifier = "single seed: no spread"
+    elif abs(delta) <= spread:
+        qualifier = "difference within the seed spread"
+    else:
+        qualifier = "difference larger than the seed spread"
+    rel = f"{100 * delta / mean_b:+.1f}%" if mean_b else "n/a"
+    return (f"- {dataset}: {label} {what} ({base_label}): **{verdict}** (NDCG@10 {mean_a:.4f} vs {mean_b:.4f}, "
+            f"{delta:+.4f}, {rel}; {qualifier})")
+
+
+def render(table, mode, env, command, started, finished, loads, settings_notes):
+    out = [f"# Quality benchmark ({mode})", "", common.environment_markdown(env, command, started, finished, loads),
+           "", "Test-set metrics of the best validation epoch (NDCG@10), mean ± sample std over seeds; same "
+           "leave-one-out split (time order), full ranking over all items. `time/run` is the whole run "
+           "(data, one-time caches such as frozen recommenders or knowledge generation, training, evaluation); "
+           "`peak RSS` the child process's maximum resident memory.", ""]
+    for dataset, rows in table.items():
+        out += [f"## {dataset}", ""]
+        body = []
+        for row in rows.values():
+            n = len(row["ok"])
+            status = f"{n}" + (f" ({len(row['failed'])} failed)" if row["failed"] else "") + \
+                (f" ({row['pending']} not run)" if row["pending"] else "")
+            walls = [r["wall_s"] for r in row["ok"]]
+            peaks = [r["peak_rss_mib"] for r in row["ok"]]
+            body.append([row["variant"].label] + [common.fmt_mean_std(_values(row, key)) for key, _ in METRICS]
+                        + [status, f"{common.mean_std(walls)[0]:.0f}" if walls else "-",
+                           f"{max(peaks):.0f}" if peaks else "-"])
+        out += [common.markdown_table(["model"] + [name for _, name in METRICS]
+                                      + ["seeds", "time/run (s)", "peak RSS (MiB)"], body), ""]
+    lines = claims(table)
+    if lines:
+        out += ["## Paper claims, as measured here", ""] + lines + [""]
+    failed = [r for rows in table.values() for row in rows.values() for r in row["failed"]]
+    if failed:
+        out += ["## Failed runs", ""]
+        for r in failed:
+            tail = (r.get("error") or "").strip().splitlines()[-1:] or [""]
+            out.append(f"- {r['run_id']}: exit {r.get('returncode')}: `{tail[0][:200]}` (log: {r['log']})")
+        out.append("")
+    out += ["## Settings", ""] + settings_notes + [""]
+    return "\n".join(out)
+
+
+def settings_notes(mode, selected, profile):
+    notes = [f"- profile `{profile}`: dataset YAML `properties/dataset/<dataset>.yaml`"
+             + (", then `properties/model/<Model>-cpu.yaml` where it exists" if profile == "cpu" else
+                ", model YAML defaults (the papers' sizes)")]
+    seen = set()
+    for variant in selected:
+        if variant.id in seen:
+            continue
+        seen.add(variant.id)
+        overrides = {k: v for k, v in variant.overrides.items()}
+        notes.append(f"- {variant.label} (`--models {variant.id}`): overrides `{json.dumps(overrides)}`")
+    return notes
+
+
+def plot(table, path):
+    """Horizontal bars of NDCG@10 (mean, sample std as error bar), one panel per dataset; skipped without
+    matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    datasets = [d for d, rows in table.items() if any(r["ok"] for r in rows.values())]
+    if not datasets:
+        return None
+    height = max(len(rows) for rows in table.values()) * 0.35 + 1.2
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), height), squeeze=False)
+    colors = {"baseline": "#8c8c8c", "seralm": "#4c72b0", "laser": "#dd8452"}
+    for ax, dataset in zip(axes[0], datasets):
+        rows = [r for r in table[dataset].values() if r["ok"]]
+        means = [_mean(r, "ndcg@10") for r in rows]
+        stds = [common.mean_std(_values(r, "ndcg@10"))[1] or 0.0 for r in rows]
+        ys = list(range(len(rows)))[::-1]
+        ax.barh(ys, means, xerr=stds, color=[colors[r["variant"].family] for r in rows], capsize=3)
+        ax.set_yticks(ys)
+        ax.set_yticklabels([r["variant"].label for r in rows], fontsize=8)
+        ax.set_xlabel("NDCG@10 (test)")
+        ax.set_title(dataset)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def write_report(args, mode, runs, jsonl_path, started, loads, env):
+    records = common.read_jsonl(jsonl_path)
+    table = aggregate(records, runs)
+    selected = [r["variant"] for r in runs]
+    md_path = os.path.join(args.results_dir, f"quality-{mode}.md")
+    png_path = os.path.join(args.results_dir, f"quality-{mode}.png")
+    text = render(table, mode, env, common.command_line(), started, common.now_utc(), loads,
+                  settings_notes(mode, selected, args.profile))
+    if args.plot and plot(table, png_path):
+        text += f"\n![NDCG@10 per model]({os.path.basename(png_path)})\n"
+    common.write_text(md_path, text)
+    return md_path
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=None, help=f"default: {' '.join(DATASETS)} (quick: ml-100k)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 1 2 3 (quick: 1)")
+    parser.add_argument("--models", nargs="+", default=None,
+                        help="model names (all their variants) or variant ids; see --list")
+    parser.add_argument("--quick", action="store_true", help="quick mode: < 10 min on 2 cores")
+    parser.add_argument("--gpu", action="store_true", help='the papers\' sizes (profile "paper"); for a CUDA GPU')
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="extra config overrides for every run (YAML values)")
+    parser.add_argument("--results-dir", default=common.RESULTS_DIR, help="where the JSONL/Markdown/PNG go")
+    parser.add_argument("--work-dir", default=None, help="checkpoints and logs (default: under the plugin cache)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's)")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds after which one run is killed")
+    parser.add_argument("--no-retry", action="store_true", help="do not rerun runs recorded as failed "
+                        "(default: a failed run is run again)")
+    parser.add_argument("--report-only", action="store_true", help="only rebuild the table from the JSONL")
+    parser.add_argument("--no-plot", dest="plot", action="store_false", help="skip the PNG")
+    parser.add_argument("--list", action="store_true", help="list the variants of this mode and exit")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return args, None
+    mode = ("quick-gpu" if args.gpu else "quick") if args.quick else ("gpu" if args.gpu else "cpu")
+    args.profile = "paper" if args.gpu else "cpu"
+    if args.gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("error: --gpu needs a CUDA GPU (torch.cuda.is_available() is False)")
+    args.datasets = args.datasets or (["ml-100k"] if args.quick else list(DATASETS))
+    args.seeds = args.seeds or ([1] if args.quick else [1, 2, 3])
+    return args, mode
+
+
+def main(argv=None):
+    args, mode = parse_args(argv)
+    if args.child:
+        return child_main(args.child)
+    if args.list:
+        for v in variants(mode):
+            print(f"{v.id:28s} {v.label:45s} {json.dumps(v.overrides)}")
+        return None
+    runs = plan(args, mode)
+    jsonl_path = os.path.join(args.results_dir, f"quality-{mode}.jsonl")
+    env = common.environment()
+    started, loads = common.now_utc(), [common.load_average()]
+    if not args.report_only:
+        done = finished_ids(jsonl_path)
+        failed = {r["run_id"] for r in common.read_jsonl(jsonl_path) if r.get("status") == "failed"}
+        todo = [r for r in runs if r["run_id"] not in done and not (args.no_retry and r["run_id"] in failed)]
+        print(f"quality ({mode}): {len(runs)} runs planned, {len(runs) - len(todo)} already finished, "
+              f"{len(todo)} to run; results -> {jsonl_path}", flush=True)
+        try:
+            for index, run in enumerate(todo, 1):
+                print(f"[{index}/{len(todo)}] {run['dataset']} {run['variant'].label} seed {run['seed']} ...",
+                      end=" ", flush=True)
+                record = run_one(run, args, mode, jsonl_path)
+                if record["status"] == "ok":
+                    print(f"NDCG@10 {record['test'].get('ndcg@10', float('nan')):.4f} in {record['wall_s']:.0f} s, "
+                          f"peak {record['peak_rss_mib']:.0f} MiB", flush=True)
+                else:
+                    print(f"FAILED (exit {record['returncode']}; log {record['log']})", flush=True)
+        except KeyboardInterrupt:
+            print("\ninterrupted: finished runs are kept; run the same command again to resume", flush=True)
+    loads.append(common.load_average())
+    md_path = write_report(args, mode, runs, jsonl_path, started, loads, env)
+    print(f"table: {md_path}")
+    return md_path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Benchmarks: the quick quality run produces its table through the real code path (one tiny model), resumes
+without rerunning, and the aggregation/claims/plot logic is right on hand-made records."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import common, quality, speed
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_SASREC = ["hidden_size=16", "inner_size=16", "n_layers=1", "n_heads=1", "MAX_ITEM_LIST_LENGTH=10"]
+
+
+def _run_quality(tmp_path, *extra):
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "quality.py"), "--quick", "--models", "SASRec",
+           "--set", *TINY_SASREC, "--results-dir", str(tmp_path / "results"), "--work-dir", str(tmp_path / "work"),
+           "--no-plot", "--threads", "1", *extra]
+    env = dict(os.environ, PYTHONPATH=REPO)
+    return subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_quick_quality_writes_table_and_resumes(tmp_path):
+    first = _run_quality(tmp_path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    table = (tmp_path / "results" / "quality-quick.md").read_text()
+    header = "| model | Recall@10 | NDCG@10 | MRR@10 | seeds | time/run (s) | peak RSS (MiB) |"
+    assert header in table
+    assert "## ml-100k" in table and "- machine:" in table and "- versions:" in table and "- command:" in table
+    row = next(line for line in table.splitlines() if line.startswith("| SASRec |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    recall, ndcg, mrr = (float(c) for c in cells[1:4])
+    assert 0 < ndcg <= recall <= 1 and 0 < mrr <= 1 and cells[4] == "1"
+    records = common.read_jsonl(str(tmp_path / "results" / "quality-quick.jsonl"))
+    assert [r["status"] for r in records] == ["ok"] and records[0]["overrides"]["hidden_size"] == 16
+    assert abs(records[0]["test"]["ndcg@10"] - ndcg) < 1e-4 and records[0]["peak_rss_mib"] > 50
+
+    second = _run_quality(tmp_path)  # everything is finished: nothing runs again, the table is rebuilt
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "1 already finished, 0 to run" in second.stdout
+    assert len(common.read_jsonl(str(tmp_path / "results" / "quality-quick.jsonl"))) == 1
+
+
+def _record(dataset, variant, seed, ndcg, status="ok"):
+    v = {x.id: x for x in quality.variants("cpu")}[variant]
+    return {"run_id": f"{dataset}|{variant}|seed={seed}", "status": status, "label": v.label, "log": "x.log",
+            "test": {"recall@10": ndcg * 2, "ndcg@10": ndcg, "mrr@10": ndcg / 2}, "wall_s": 10.0,
+            "peak_rss_mib": 100.0, "returncode": 1, "error": "Traceback\nValueError: boom"}
+
+
+def _runs(dataset, variant_ids, seeds):
+    by_id = {v.id: v for v in quality.variants("cpu")}
+    return [{"run_id": f"{dataset}|{vid}|seed={s}", "dataset": dataset, "variant": by_id[vid], "seed": s}
+            for s in seeds for vid in variant_ids]
+
+
+def test_aggregate_claims_and_render():
+    runs = _runs("ml-100k", ["SASRec", "SASRecSeRALM-NA", "Laser"], [1, 2])
+    records = [_record("ml-100k", "SASRec", 1, 0.050), _record("ml-100k", "SASRec", 2, 0.052),
+               _record("ml-100k", "SASRecSeRALM-NA", 1, 0.040), _record("ml-100k", "SASRecSeRALM-NA", 2, 0.044),
+               _record("ml-100k", "Laser", 1, 0.0, status="failed"), _record("ml-100k", "Laser", 1, 0.060),
+               _record("other", "SASRec", 1, 0.9)]  # not planned: ignored
+    table = quality.aggregate(records, runs)
+    rows = table["ml-100k"]
+    assert [len(rows[v]["ok"]) for v in ("SASRec", "SASRecSeRALM-NA", "Laser")] == [2, 2, 1]
+    assert rows["Laser"]["pending"] == 1 and rows["Laser"]["failed"] == []  # the retry replaced the failure
+    lines = quality.claims(table)
+    seralm = next(line for line in lines if "SASRecSeRALM" in line)
+    assert "**does not hold**" in seralm and "0.0420 vs 0.0510" in seralm and "larger than the seed spread" in seralm
+    laser = next(line for line in lines if "Laser beats" in line)
+    assert "**holds**" in laser and "beats 2/2" in laser
+    env = {k: "x" for k in ("cpu", "cores", "usable_cores", "memory_gib", "gpu", "os", "python", "torch", "recbole",
+                            "transformers", "peft", "recbole_llm", "git_commit")}
+    text = quality.render(table, "cpu", env, "python benchmarks/quality.py", "t0", "t1", [[1, 1, 1], [2, 2, 2]], [])
+    assert "| SASRec | 0.1020 ± 0.0028 | 0.0510 ± 0.0014 | 0.0255 ± 0.0007 | 2 | 10 | 100 |" in text
+    assert "| Laser | 0.1200 | 0.0600 | 0.0300 | 1 (1 not run) |" in text
+
+
+def test_failed_runs_are_listed_and_plot_is_written(tmp_path):
+    runs = _runs("ml-100k", ["SASRec", "PAUP"], [1])
+    table = quality.aggregate([_record("ml-100k", "SASRec", 1, 0.05), _record("ml-100k", "PAUP", 1, 0, "failed")],
+                              runs)
+    env = dict.fromkeys(("cpu", "cores", "usable_cores", "memory_gib", "gpu", "os", "python", "torch", "recbole",
+                         "transformers", "peft", "recbole_llm", "git_commit"), "x")
+    text = quality.render(table, "quick", env, "cmd", "t0", "t1", [None, None], [])
+    assert "## Failed runs" in text and "ValueError: boom" in text and "| PAUP | - | - | - | 0 (1 failed) |" in text
+    pytest.importorskip("matplotlib")
+    path = quality.plot(table, str(tmp_path / "q.png"))
+    assert path and os.path.getsize(path) > 1000
+
+
+def test_variants_and_selection():
+    cpu = {v.id: v for v in quality.variants("cpu")}
+    assert cpu["Laser-no_mformer"].overrides == {"use_mformer": False}
+    assert cpu["Laser-no_prefix"].overrides == {"use_prefix": False}
+    assert cpu["Laser-no_stage1"].overrides == {"skip_stage1": True}
+    for base in quality.SERALM_BASES:
+        assert cpu[f"{base}SeRALM-NA"].overrides["alignment"] is False
+        assert cpu[f"{base}SeRALM-aligned"].overrides["alignment"] is True
+        assert cpu[f"{base}SeRALM-NA"].base == base
+        # a SeRALM variant and its base train with the same schedule
+        same = {k: cpu[base].overrides[k] for k in quality.CPU_TRAIN}
+        assert {k: cpu[f"{base}SeRALM-NA"].overrides[k] for k in quality.CPU_TRAIN} == same
+    assert {v.id for v in quality.select(quality.variants("cpu"), ["Laser"])} == {
+        "Laser", "Laser-no_mformer", "Laser-no_prefix", "Laser-no_stage1"}
+    with pytest.raises(SystemExit, match="unknown --models"):
+        quality.select(quality.variants("cpu"), ["NoSuchModel"])
+    assert speed.model_overrides("PAUPSeRALM", "quick")["knowledge_source"] == "item_text"
+
+
+def test_jsonl_skips_truncated_line_and_mean_std(tmp_path):
+    path = str(tmp_path / "r.jsonl")
+    common.append_jsonl(path, {"a": 1})
+    with open(path, "a") as f:
+        f.write('{"a": 2, "b"')  # killed mid-write
+    assert common.read_jsonl(path) == [{"a": 1}]
+    assert common.mean_std([1.0]) == (1.0, None)
+    mean, std = common.mean_std([1.0, 2.0, 3.0])
+    assert mean == 2.0 and abs(std - 1.0) < 1e-12
+    assert common.parse_overrides(["a=1", "b=True", "c=~", "d=[1, 2]"]) == {"a": 1, "b": True, "c": None, "d": [1, 2]}
