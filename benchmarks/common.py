@@ -266,3 +266,12 @@ def parse_overrides(items):
         key, value = item.split("=", 1)
         out[key.strip()] = yaml.safe_load(value)
     return out
+
+
+def notes_section(path):
+    """A hand-written analysis kept beside the generated table (``<table>-notes.md``), appended to it, so that
+    regenerating the table does not lose it."""
+    if not os.path.isfile(path):
+        return ""
+    with open(path, encoding="utf-8") as f:
+        return "\n## Notes on the measurements\n\n" + f.read().strip() + "\n"

@@ -106,7 +106,12 @@ def config_digest(config_dict):
 
 def plan(args, mode):
     """The (dataset, variant, seed, config_dict) runs of this invocation, seed-major so a partial run covers models."""
-    chosen = select(variants(mode), args.models or (list(QUICK_MODELS) if mode.startswith("quick") else None))
+    if args.models:
+        chosen = select(variants(mode), args.models)
+    elif mode.startswith("quick"):
+        chosen = [v for v in variants(mode) if v.id in QUICK_MODELS]
+    else:
+        chosen = variants(mode)
     extra = common.parse_overrides(args.set)
     runs = []
     for seed in args.seeds:
@@ -300,10 +305,12 @@ def render(table, mode, env, command, started, finished, loads, settings_notes):
     return "\n".join(out)
 
 
-def settings_notes(mode, selected, profile):
+def settings_notes(mode, selected, profile, extra=None):
     notes = [f"- profile `{profile}`: dataset YAML `properties/dataset/<dataset>.yaml`"
              + (", then `properties/model/<Model>-cpu.yaml` where it exists" if profile == "cpu" else
                 ", model YAML defaults (the papers' sizes)")]
+    if extra:
+        notes.append(f"- `--set` overrides for every run: `{json.dumps(extra)}`")
     seen = set()
     for variant in selected:
         if variant.id in seen:
@@ -355,9 +362,10 @@ def write_report(args, mode, runs, jsonl_path, started, loads, env):
     md_path = os.path.join(args.results_dir, f"quality-{mode}.md")
     png_path = os.path.join(args.results_dir, f"quality-{mode}.png")
     text = render(table, mode, env, common.command_line(), started, common.now_utc(), loads,
-                  settings_notes(mode, selected, args.profile))
+                  settings_notes(mode, selected, args.profile, common.parse_overrides(args.set)))
     if args.plot and plot(table, png_path):
         text += f"\n![NDCG@10 per model]({os.path.basename(png_path)})\n"
+    text += common.notes_section(os.path.join(args.results_dir, f"quality-{mode}-notes.md"))
     common.write_text(md_path, text)
     return md_path
 

@@ -489,8 +489,9 @@ def main(argv=None):
     loads.append(common.load_average())
     common.write_json(os.path.join(args.results_dir, f"speed-{mode}.json"), results)
     md_path = os.path.join(args.results_dir, f"speed-{mode}.md")
-    common.write_text(md_path, render(results, mode, env, common.command_line(), started, common.now_utc(), loads,
-                                      args.dataset))
+    text = render(results, mode, env, common.command_line(), started, common.now_utc(), loads, args.dataset)
+    text += common.notes_section(os.path.join(args.results_dir, f"speed-{mode}-notes.md"))
+    common.write_text(md_path, text)
     print(f"table: {md_path}")
     return md_path
 

@@ -119,3 +119,36 @@ def test_jsonl_skips_truncated_line_and_mean_std(tmp_path):
     mean, std = common.mean_std([1.0, 2.0, 3.0])
     assert mean == 2.0 and abs(std - 1.0) < 1e-12
     assert common.parse_overrides(["a=1", "b=True", "c=~", "d=[1, 2]"]) == {"a": 1, "b": True, "c": None, "d": [1, 2]}
+
+
+def test_speed_render_and_jobs(tmp_path):
+    summary = {"min_s": 1.0, "median_s": 2.0, "runs": 3}
+    common_fields = {"status": "ok", "peak_rss_mib": 500.0, "cuda_peak_mib": None, "loadavg_end": [1.5, 1, 1]}
+    results = {
+        "refresh": dict(common_fields, items=100, batches=2, batch_size=64, mean_T=50.0, max_T=60, llm_layers=2,
+                        refresh=summary, backbone={"min_s": 0.5, "median_s": 1.0, "runs": 3},
+                        refresh_items_per_s=50.0, backbone_items_per_s=100.0, ratio=0.5),
+        "generation": dict(common_fields, items=8, batch_size=8, batches=1, max_new_tokens=16, new_tokens=100,
+                           mean_prompt_tokens=40.0, llm_layers=30, example="A microscope.", pipeline=summary,
+                           plain=summary, pipeline_items_per_s=4.0, plain_items_per_s=4.0, ratio=1.0),
+        "train:SASRec": dict(common_fields, model="SASRec", batch_size=1024, steps=3, samples_per_s=900.0,
+                             median_step_s=1.1, trainable_params=1234),
+        "eval:SASRecSeRALM": dict(common_fields, model="SASRecSeRALM", base="SASRec", seralm=summary,
+                                  base_time={"min_s": 1.0, "median_s": 1.6, "runs": 3}, ratio=1.25),
+        "eval:PAUPSeRALM": {"status": "failed", "returncode": 1, "error": "Traceback\nRuntimeError: x", "log": "l"},
+    }
+    env = dict.fromkeys(("cpu", "cores", "usable_cores", "memory_gib", "os", "python", "torch", "recbole",
+                         "transformers", "peft", "recbole_llm", "git_commit"), "x") | {"gpu": "none"}
+    text = speed.render(results, "cpu", env, "cmd", "t0", "t1", [None, None], "amazon-scientific")
+    assert "| 100 | 2 x 64 | 50 / 60 | 2 | 50.0 (100.0) | 100.0 (200.0) | 0.50 | 500 | 1.5 |" in text
+    assert "| 8 | 1 x 8 | 40 | 16 / 100 | 30 | 4.00 (8.00) | 4.00 (8.00) | 1.00 | 500 | 1.5 |" in text
+    assert "| SASRec | 1024 | 3 | 900.0 | 1.100 | 1,234 | 500 | 1.5 |" in text
+    assert "| SASRecSeRALM | SASRec | 2.00 (1.00) | 1.60 (1.00) | 1.25x | 500 | 1.5 |" in text
+    assert "eval:PAUPSeRALM: exit 1: `RuntimeError: x`" in text
+    args, mode = speed.parse_args(["--quick", "--work-dir", str(tmp_path)])
+    names = [name for name, _ in speed.jobs(args, mode)]
+    assert names == ["refresh", "generation", "train:SASRec", "train:PAUP", "train:SASRecSeRALM", "train:Laser",
+                     "eval:CaserSeRALM", "eval:SASRecSeRALM", "eval:PAUPSeRALM", "eval:LightSANsSeRALM"]
+    spec = dict(speed.jobs(args, mode))["eval:PAUPSeRALM"]
+    assert spec["configs"]["PAUPSeRALM"]["knowledge_source"] == "item_text"
+    assert {k: spec["configs"]["PAUP"][k] for k in quality.QUICK_TRAIN} == quality.QUICK_TRAIN
