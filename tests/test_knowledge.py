@@ -187,3 +187,24 @@ def test_real_smollm2_and_minilm_three_items(tmp_path):
     assert all(t != fake_knowledge(s) for t, s in zip(texts[1:], K.item_source_texts(dataset, config)[1:]))
     assert matrix.shape == (4, 384) and torch.all(matrix[0] == 0)
     assert torch.allclose(matrix[1:].norm(dim=1), torch.ones(3), atol=1e-4)
+
+
+def test_shared_prefix_generation_equals_plain_generation():
+    """Encoding the common prompt prefix once gives exactly the greedy output of whole prompts."""
+    from recbole_llm.llm.generate import generate_batched
+    from recbole_llm.llm.prefix_generate import prefix_shared_generate
+    from recbole_llm.llm.prompts import knowledge_prompt_parts
+    from tests.helpers_llm import TINY_TEXTS, tiny_llm
+
+    llm, tokenizer = tiny_llm()
+    prompts = K.knowledge_prompts(TINY_TEXTS, tokenizer)
+    prefix, tail = knowledge_prompt_parts(tokenizer)
+    assert all(p == prefix + " " + t + tail for p, t in zip(prompts, TINY_TEXTS))
+    for penalty in (1.0, 1.3):
+        shared = prefix_shared_generate(llm, tokenizer, prefix, [p[len(prefix):] for p in prompts],
+                                        max_new_tokens=6, repetition_penalty=penalty)
+        plain = [generate_batched(llm, tokenizer, [p], max_new_tokens=6, batch_size=1, repetition_penalty=penalty,
+                                  progress=False)[0] for p in prompts]
+        assert shared == plain and any(plain)
+    config = {"dataset": DATASET, "knowledge_max_new_tokens": 6}
+    assert K._default_generate_fn(llm, tokenizer, config)(prompts) == plain

@@ -35,6 +35,7 @@ DEFAULTS = {
     "knowledge_batch_size": 32,
     "knowledge_repetition_penalty": 1.2,
     "knowledge_encoder_max_length": 128,
+    "knowledge_shared_prefix": True,
     "llm_path": None,
     "llm_num_layers": None,
     "encoder_path": None,
@@ -226,11 +227,21 @@ def knowledge_prompts(source_texts, tokenizer):
 
 
 def _default_generate_fn(llm, tokenizer, config):
+    """Batched greedy decoding; with ``knowledge_shared_prefix`` the prompts' common prefix (chat header,
+    system text, instruction) is encoded once per batch instead of once per item (same tokens, same
+    greedy output, ~2x faster on CPU where prefill dominates)."""
     from recbole_llm.llm.generate import generate_batched
+    from recbole_llm.llm.prefix_generate import prefix_shared_generate
+    from recbole_llm.llm.prompts import knowledge_prompt_parts
 
     settings = generation_settings(config)
+    prefix = knowledge_prompt_parts(tokenizer)[0] if cfg(config, "knowledge_shared_prefix") else None
 
     def generate(prompts):
+        if prefix and all(p.startswith(prefix) and len(p) > len(prefix) for p in prompts):
+            return prefix_shared_generate(llm, tokenizer, prefix, [p[len(prefix):] for p in prompts],
+                                          max_new_tokens=settings["max_new_tokens"],
+                                          repetition_penalty=settings["repetition_penalty"])
         return generate_batched(llm, tokenizer, prompts, max_new_tokens=settings["max_new_tokens"],
                                 batch_size=len(prompts), repetition_penalty=settings["repetition_penalty"],
                                 do_sample=False, progress=False)

@@ -10,9 +10,11 @@ import hashlib
 
 KNOWLEDGE_SYSTEM = "Be brief."  # short on purpose: the prompt's prefill dominates CPU generation time
 
+# The item comes last so that every prompt shares everything before it (encoded once, see
+# recbole_llm.llm.prefix_generate).
 KNOWLEDGE_TEMPLATE = (
-    "Item: {attrs}\n"
-    "Briefly describe this item and say what kind of users would like it."
+    "Briefly describe this item and say what kind of users would like it.\n"
+    "Item: {attrs}"
 )
 
 
@@ -21,6 +23,22 @@ def knowledge_prompt(attrs_text):
     if not isinstance(attrs_text, str) or not attrs_text.strip():
         raise ValueError(f"knowledge_prompt needs the item's text attributes as a non-empty string, got {attrs_text!r}.")
     return KNOWLEDGE_TEMPLATE.format(attrs=attrs_text.strip())
+
+
+def knowledge_prompt_parts(tokenizer, system=KNOWLEDGE_SYSTEM):
+    """(prefix, tail): every chat-formatted knowledge prompt is ``prefix + " " + attrs + tail``.
+
+    The space before the item text goes with the item (as " word" tokenises differently from " " + "word"),
+    so tokenising prefix and suffix separately gives the same tokens as the whole prompt.
+    """
+    from recbole_llm.llm.generate import build_chat_prompts
+
+    sentinel = "\u0000ITEM\u0000"
+    prompt = build_chat_prompts(tokenizer, [knowledge_prompt(sentinel)], system=system)[0]
+    if prompt.count(sentinel) != 1:
+        raise ValueError("The chat template changed the knowledge prompt's item placeholder; cannot split it.")
+    prefix, tail = prompt.split(sentinel)
+    return prefix.rstrip(" "), tail
 
 
 def knowledge_template_digest():
