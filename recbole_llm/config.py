@@ -64,6 +64,9 @@ class Config(RecBoleConfig):
     def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None, cmd_args=None):
         self._cmd_args = cmd_args
         super().__init__(model, dataset, config_file_list, config_dict)
+        from recbole_llm.validation import validate_config
+
+        validate_config(self)
 
     def compatibility_settings(self):
         # RecBole 1.2.1 uses np.float/np.int/np.bool; numpy>=1.24 removed them and numpy 2 removed np.float_.

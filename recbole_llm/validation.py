@@ -1,0 +1,111 @@
+"""Checks of a finished config for plugin models: unknown keys and out-of-range values.
+
+A misspelt key is silently ignored by RecBole; for the plugin's models it is an error that names the key,
+suggests the closest known ones and says where keys are documented (``allow_unknown_keys: True`` passes
+custom keys, e.g. for a subclass).
+"""
+
+import difflib
+import functools
+import glob
+import os
+
+import yaml
+
+from recbole_llm.errors import ConfigError
+
+# Keys the plugin reads that are not model keys.
+PLUGIN_KEYS = {
+    "item_text_fields", "item_text_max_chars", "item_text_display_names", "trust_pickled_checkpoint",
+    "resume_checkpoint", "allow_unknown_keys", "world_size", "ip", "port", "nproc", "offset", "local_rank",
+    "model", "dataset", "config_files", "profile",
+}
+
+
+def _check(predicate, expected):
+    return predicate, expected
+
+
+POSITIVE_INT = _check(lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1")
+NON_NEGATIVE = _check(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, "a number >= 0")
+POSITIVE = _check(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a number > 0")
+PROBABILITY = _check(lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a number in [0, 1)")
+
+# key -> (check, expected); None values are allowed where the YAML documents ~ as a choice.
+RANGES = {
+    "n_experts": POSITIVE_INT,
+    "n_query_tokens": POSITIVE_INT,
+    "mformer_hidden_size": POSITIVE_INT,
+    "mformer_n_layers": POSITIVE_INT,
+    "mformer_n_heads": POSITIVE_INT,
+    "temperature": POSITIVE,
+    "lb_weight": NON_NEGATIVE,
+    "alpha": NON_NEGATIVE,
+    "refresh_every": POSITIVE_INT,
+    "llm_num_layers": POSITIVE_INT,
+    "encode_batch_size": POSITIVE_INT,
+    "knowledge_batch_size": POSITIVE_INT,
+    "knowledge_max_new_tokens": POSITIVE_INT,
+    "knowledge_proj_size": POSITIVE_INT,
+    "knowledge_dropout": PROBABILITY,
+    "lora_r": POSITIVE_INT,
+    "llm_learning_rate": POSITIVE,
+    "stage1_epochs": NON_NEGATIVE,
+    "stage2_epochs": NON_NEGATIVE,
+    "train_samples_per_epoch": POSITIVE_INT,
+    "seg_num": POSITIVE_INT,
+    "kernel_size": POSITIVE_INT,
+    "learning_rate": POSITIVE,
+    "train_batch_size": POSITIVE_INT,
+}
+
+
+@functools.lru_cache(maxsize=1)
+def known_keys():
+    """Every key RecBole or the plugin documents: argument lists, RecBole's YAMLs, the plugin's YAMLs."""
+    import recbole
+    from recbole.utils import argument_list
+
+    from recbole_llm.config import PLUGIN_MODEL_YAML_DIR
+    from recbole_llm.data.locate import REPO_DIR
+
+    keys = set(PLUGIN_KEYS)
+    for name in dir(argument_list):
+        value = getattr(argument_list, name)
+        if name.endswith("_arguments") and isinstance(value, list):
+            keys.update(value)
+    roots = [os.path.join(os.path.dirname(recbole.__file__), "properties"), PLUGIN_MODEL_YAML_DIR,
+             os.path.join(REPO_DIR, "properties")]
+    for root in roots:
+        for path in glob.glob(os.path.join(root, "**", "*.yaml"), recursive=True):
+            try:
+                with open(path) as f:
+                    data = yaml.safe_load(f)
+            except (OSError, yaml.YAMLError):
+                continue
+            if isinstance(data, dict):
+                keys.update(data)
+    return frozenset(keys)
+
+
+def validate_config(config):
+    """Raise ConfigError for unknown user keys (plugin models only) and out-of-range values."""
+    from recbole_llm.registry import PLUGIN_MODELS
+
+    final = config.final_config_dict
+    if config["model"] in PLUGIN_MODELS and not final.get("allow_unknown_keys"):
+        known = known_keys()
+        unknown = sorted(k for k in config.external_config_dict if k not in known)
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, known, n=2)
+                hints.append(f"'{key}'" + (f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""))
+            raise ConfigError(
+                f"Unknown config key(s) for {config['model']}: {', '.join(hints)}. Keys are documented in "
+                f"recbole_llm/properties/model/{config['model']}.yaml; set allow_unknown_keys: True to pass "
+                f"custom keys.")
+    for key, (predicate, expected) in RANGES.items():
+        value = final.get(key)
+        if value is not None and not predicate(value):
+            raise ConfigError(f"Config key '{key}' = {value!r} is out of range: expected {expected}.")
