@@ -54,7 +54,7 @@ def tiny_config_dict(tmp_path, n_items=N_ITEMS, **overrides):
         "llm_path": tiny_llm_dir(), "encoder_path": tiny_encoder_dir(),
         "knowledge_cache_dir": str(tmp_path / "knowledge"), "knowledge_max_new_tokens": 4, "knowledge_batch_size": 4,
         "checkpoint_dir": str(tmp_path / "saved"), "show_progress": False, "state": "WARNING", "log_wandb": False,
-        "seed": 2020, "reproducibility": True, "device": "cpu", "use_gpu": False, "alignment": False,
+        "seed": 2020, "reproducibility": True, "use_gpu": False, "alignment": False,
     }
     cfg.update(overrides)
     return cfg

@@ -191,7 +191,7 @@ def test_real_smollm2_and_minilm_three_items(tmp_path):
 
 def test_shared_prefix_generation_equals_plain_generation():
     """Encoding the common prompt prefix once gives exactly the greedy output of whole prompts."""
-    from recbole_llm.llm.generate import generate_batched
+    from recbole_llm.llm.generate import generate_with_ids
     from recbole_llm.llm.prefix_generate import prefix_shared_generate
     from recbole_llm.llm.prompts import knowledge_prompt_parts
     from tests.helpers_llm import TINY_TEXTS, tiny_llm
@@ -200,11 +200,15 @@ def test_shared_prefix_generation_equals_plain_generation():
     prompts = K.knowledge_prompts(TINY_TEXTS, tokenizer)
     prefix, tail = knowledge_prompt_parts(tokenizer)
     assert all(p == prefix + " " + t + tail for p, t in zip(prompts, TINY_TEXTS))
-    for penalty in (1.0, 1.3):
-        shared = prefix_shared_generate(llm, tokenizer, prefix, [p[len(prefix):] for p in prompts],
-                                        max_new_tokens=6, repetition_penalty=penalty)
-        plain = [generate_batched(llm, tokenizer, [p], max_new_tokens=6, batch_size=1, repetition_penalty=penalty,
-                                  progress=False)[0] for p in prompts]
-        assert shared == plain and any(plain)
-    config = {"dataset": DATASET, "knowledge_max_new_tokens": 6}
-    assert K._default_generate_fn(llm, tokenizer, config)(prompts) == plain
+    suffixes = [p[len(prefix):] for p in prompts]
+    for penalty in (1.0, 5.0):
+        # token ids: the random tiny model often writes special tokens only, which decode to ""
+        shared = prefix_shared_generate(llm, tokenizer, prefix, suffixes, max_new_tokens=6,
+                                        repetition_penalty=penalty, return_ids=True)
+        plain = [generate_with_ids(llm, tokenizer, [p], max_new_tokens=6, batch_size=1, repetition_penalty=penalty,
+                                   progress=False)[0]["gen_ids"].tolist() for p in prompts]
+        assert shared == plain
+    assert len({t for ids in plain for t in ids}) > 1  # the strong penalty makes the rows non-trivial
+    texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in plain]
+    config = {"dataset": DATASET, "knowledge_max_new_tokens": 6, "knowledge_repetition_penalty": 5.0}
+    assert K._default_generate_fn(llm, tokenizer, config)(prompts) == texts

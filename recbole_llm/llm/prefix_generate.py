@@ -30,8 +30,10 @@ def _penalise(scores, seen, penalty):
 
 
 @torch.no_grad()
-def prefix_shared_generate(model, tokenizer, prefix, suffixes, max_new_tokens=64, repetition_penalty=1.2):
-    """Greedy continuation of ``prefix + s`` for each ``s`` in ``suffixes``; new text only, stripped.
+def prefix_shared_generate(model, tokenizer, prefix, suffixes, max_new_tokens=64, repetition_penalty=1.2,
+                           return_ids=False):
+    """Greedy continuation of ``prefix + s`` for each ``s`` in ``suffixes``; new text only, stripped
+    (``return_ids=True``: the new token ids instead, cut after the first stop token, which is kept).
 
     Both parts are tokenised without added special tokens (a chat-formatted prefix already holds them).
     """
@@ -76,9 +78,11 @@ def prefix_shared_generate(model, tokenizer, prefix, suffixes, max_new_tokens=64
         logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
                        past_key_values=cache, use_cache=True).logits[:, -1]
         next_position = next_position + 1
-    out = torch.stack(generated, dim=1).cpu()
-    texts = []
-    for row in out.tolist():
-        cut = next((i for i, t in enumerate(row) if t in set(stop.tolist())), len(row))
-        texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
-    return texts
+    stops = set(stop.tolist())
+    kept = []
+    for row in torch.stack(generated, dim=1).cpu().tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+        kept.append(row[:cut])
+    if return_ids:
+        return kept
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in kept]
