@@ -37,10 +37,12 @@ Choices where the paper is silent or loose (each is a config key, paper behaviou
 import hashlib
 import json
 import os
+import random
 import tempfile
 import time
 from collections import deque
 
+import numpy as np
 import torch
 import yaml
 from recbole.trainer import Trainer
@@ -110,7 +112,9 @@ def frozen_base_config_dict(config, name):
             values[key] = config[key]
     if "data_path" in values:  # RecBole's final data_path already ends with the dataset's folder
         values["data_path"] = os.path.dirname(os.path.normpath(str(values["data_path"])))
-    values.update(loss_type="CE", train_neg_sample_args=None, device=str(config["device"]),
+    # 'device' is derived by RecBole from use_gpu/gpu_id (copied above); plugin configs reject it as a key.
+    values.pop("device", None)
+    values.update(loss_type="CE", train_neg_sample_args=None,
                   epochs=int(_cfg(config, "frozen_base_epochs", config["epochs"])))
     return values
 
@@ -121,7 +125,7 @@ def load_frozen_base(config, dataset):
     files' digest and the base's config. Reuses recbole_llm.model.frozen_sr's trainer/cache helpers (that
     module's loader is Laser-specific: BERT4Rec/SASRec only). Global RNG state is left as found."""
     from recbole_llm.config import Config
-    from recbole_llm.model.frozen_sr import _rng_state, _set_rng_state, data_digest, train_frozen_sr
+    from recbole_llm.model.frozen_sr import data_digest, train_frozen_sr
     from recbole_llm.utils import get_model
 
     name = base_model_name(config)
@@ -156,6 +160,16 @@ def load_frozen_base(config, dataset):
     model.to(config["device"]).eval()
     model.requires_grad_(False)
     return model
+
+
+def _rng_state():
+    return random.getstate(), np.random.get_state(), torch.get_rng_state()
+
+
+def _set_rng_state(state):
+    random.setstate(state[0])
+    np.random.set_state(state[1])
+    torch.set_rng_state(state[2])
 
 
 # ------------------------------------------------------------------------------------------ adapter
