@@ -219,13 +219,14 @@ def test_fit_runs_all_phases(tmp_path, shared_knowledge):
     from recbole_llm.trainer.alignment_trainer import AlignmentTrainer
 
     config = tiny_config("SASRecSeRALM", tmp_path, knowledge_cache_dir=shared_knowledge, align_warmup_epochs=1,
-                         alignment_steps=2, refresh_every=1,
+                         alignment_steps=2, refresh_every=1, align_batch_size=5,
                          frozen_base_cache_dir=os.path.join(shared_knowledge, "frozen_base"))
     _, train, valid, _ = tiny_data(config)
     model = tiny_model(config, train)
     trainer = AlignmentTrainer(config, model)
     trainer.fit(train, valid, saved=False)
     assert trainer.aligned and len(trainer.alignment_log) == 2
+    assert all(r["instances"] == 5 and 1 <= r["texts"] <= 5 for r in trainer.alignment_log)
     assert trainer.generator_refresh_steps == [0, 1]
     assert [r["snapshot_step"] for r in trainer.alignment_log] == [0, 1]  # sync + refresh 1 = Algorithm 1
     # the aligned knowledge texts were generated and cached under the adapter's version

@@ -304,12 +304,16 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
             generator.close()
 
     def _batches(self, train_data, total):
-        """Training batches, cycling over epochs until ``total`` have been produced."""
+        """Training batches, cycling over epochs until ``total`` have been produced; cut to their first
+        ``align_batch_size`` rows when set (every row costs one sampled text on CPU)."""
+        rows = _cfg(self.config, "align_batch_size")
+        if rows is not None and int(rows) < 1:
+            raise ValueError(f"align_batch_size must be a positive integer or ~, got {rows!r}.")
         produced = 0
         epoch = 0
         while produced < total:
             for interaction in train_data:
-                yield interaction
+                yield interaction if rows is None else interaction[: int(rows)]
                 produced += 1
                 if produced >= total:
                     return
@@ -346,7 +350,8 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
         llm_optimizer.step()
         self.llm.eval()
         stats.update(rec_loss=float(rec_loss.detach()), llm_loss=float(llm_loss.detach()),
-                     texts=len(sample["items"]), snapshot_step=sample["snapshot_step"])
+                     texts=len(sample["items"]), instances=int(sample["membership"].size(0)),
+                     snapshot_step=sample["snapshot_step"])
         return stats
 
     def regenerate_knowledge(self, dataset, show_progress=False):
