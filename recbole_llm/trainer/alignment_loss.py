@@ -53,7 +53,8 @@ def per_token_kl(token_logps, orig_token_logps, estimator="k2"):
     for cur, orig in zip(token_logps, orig_token_logps):
         orig = orig.detach().to(cur.device, cur.dtype)
         if cur.shape != orig.shape:
-            raise ValueError(f"token log-prob shapes differ: current {tuple(cur.shape)} vs original {tuple(orig.shape)}.")
+            raise ValueError(f"token log-prob shapes differ: current {tuple(cur.shape)} vs original "
+                             f"{tuple(orig.shape)}.")
         diff = cur - orig  # log p_align - log p_orig
         if estimator == "k1":
             kl = diff
@@ -78,7 +79,8 @@ def alignment_llm_loss(token_logps, orig_token_logps, weights, membership, alpha
     membership = membership.to(seq_logp.device, seq_logp.dtype)
     weights = weights.detach().to(seq_logp.device, seq_logp.dtype)
     if membership.shape != (weights.numel(), seq_logp.numel()):
-        raise ValueError(f"membership must be [B={weights.numel()}, U={seq_logp.numel()}], got {tuple(membership.shape)}.")
+        raise ValueError(f"membership must be [B={weights.numel()}, U={seq_logp.numel()}], "
+                         f"got {tuple(membership.shape)}.")
     instance_logp = membership @ seq_logp  # log p(s_b|x_b) per instance [B]
     policy = -(weights * instance_logp).mean()
     kl = per_token_kl(token_logps, orig_token_logps, kl_estimator)
