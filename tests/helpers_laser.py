@@ -46,7 +46,7 @@ def tiny_config_dict(root, name="tiny-laser", **overrides):
         "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "full"},
         "metrics": ["Recall", "NDCG", "MRR"], "topk": [10], "valid_metric": "NDCG@10",
         "llm_path": tiny_llm_dir(),
-        "device": "cpu", "use_gpu": False, "show_progress": False, "seed": 2020, "reproducibility": True,
+        "use_gpu": False, "show_progress": False, "seed": 2020, "reproducibility": True,
         "state": "ERROR",
         "frozen_sr_hidden_size": 16, "frozen_sr_inner_size": 32, "frozen_sr_epochs": 2,
         "frozen_sr_batch_size": 64,

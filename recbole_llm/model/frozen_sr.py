@@ -29,7 +29,7 @@ DATA_KEYS = (
     "user_inter_num_interval", "item_inter_num_interval", "alias_of_user_id", "alias_of_item_id",
     "alias_of_entity_id", "alias_of_relation_id", "preload_weight", "normalize_field", "normalize_all",
     "ITEM_LIST_LENGTH_FIELD", "LIST_SUFFIX", "MAX_ITEM_LIST_LENGTH", "POSITION_FIELD", "benchmark_filename",
-    "eval_args", "metrics", "topk", "valid_metric", "seed", "reproducibility", "device", "use_gpu", "gpu_id",
+    "eval_args", "metrics", "topk", "valid_metric", "seed", "reproducibility", "use_gpu", "gpu_id",
     "checkpoint_dir", "state", "show_progress", "worker",
 )
 # Keys whose values decide the cached SR's weights (besides the data files).
@@ -58,7 +58,6 @@ def sr_config_dict(config):
         train_batch_size=config["frozen_sr_batch_size"], stopping_step=config["frozen_sr_stopping_step"],
         eval_batch_size=256, loss_type="CE", train_neg_sample_args=None, eval_step=1,
     )
-    values["device"] = str(config["device"])
     # RecBole's final data_path already ends with the dataset folder; the SR's Config appends it again.
     values["data_path"] = os.path.dirname(os.path.normpath(config["data_path"]))
     return values
