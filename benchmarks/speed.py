@@ -44,10 +44,11 @@ TRAIN_MODELS = ("SASRec", "BERT4Rec", "Caser", "LightSANs", "PAUP", "CaserSeRALM
 QUICK_TRAIN_MODELS = ("SASRec", "PAUP", "SASRecSeRALM", "Laser")
 EVAL_PAIRS = tuple((f"{base}SeRALM", base) for base in quality.SERALM_BASES)
 
-# Sizes per mode: (items for the generation section, training batches timed, repeats)
-SIZES = {"quick": {"gen_items": 32, "gen_batch": 32, "train_batches": 3, "repeats": 1},
-         "cpu": {"gen_items": 128, "gen_batch": None, "train_batches": 10, "repeats": 3},
-         "gpu": {"gen_items": 512, "gen_batch": None, "train_batches": 20, "repeats": 3}}
+# Sizes per mode: items for the generation section, training batches timed, repeats
+# (evaluations are cheap next to the LLM steps: always 5 repeats, so the ratio is not one noisy pair)
+SIZES = {"quick": {"gen_items": 32, "gen_batch": 32, "train_batches": 3, "repeats": 1, "eval_repeats": 5},
+         "cpu": {"gen_items": 128, "gen_batch": None, "train_batches": 10, "repeats": 3, "eval_repeats": 5},
+         "gpu": {"gen_items": 512, "gen_batch": None, "train_batches": 20, "repeats": 3, "eval_repeats": 5}}
 
 
 def _mode_key(mode):
@@ -350,6 +351,7 @@ def jobs(args, mode):
         pairs = [p for p in EVAL_PAIRS if not args.models or p[0] in args.models or p[1] in args.models]
         for model, base_model in pairs:
             out.append((f"eval:{model}", dict(base, section="eval", model=model, base=base_model,
+                                              repeats=args.repeats or sizes["eval_repeats"],
                                               configs={model: conf(model), base_model: conf(base_model)})))
     return out
 
