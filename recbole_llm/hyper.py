@@ -120,6 +120,20 @@ def _ray_trial(config, model, dataset, config_files, profile, report):
                        report_to_ray=report)
 
 
+def _last_report(result):
+    """A trial's final report. Ray's progress table keeps only the keys of the first report (the per-epoch
+    ones), so read the last line of the trial's result.json, which has every key."""
+    import json
+
+    path = os.path.join(str(result.log_dir), "result.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            lines = [line for line in f if line.strip()]
+        if lines:
+            return json.loads(lines[-1])
+    return dict(result.metrics or {})
+
+
 def run_ray(model, dataset, params_file, config_files=None, num_samples=4, cpus_per_trial=1, gpus_per_trial=0,
             address=None, report="epoch", max_epochs=None, output_file="hyper_result.md", profile="none",
             config_dict=None, local_dir=None, valid_bigger=True):
@@ -164,13 +178,21 @@ def run_ray(model, dataset, params_file, config_files=None, num_samples=4, cpus_
                                  name=f"{model}-{dataset}"),
     )
     grid = tuner.fit()
-    frame = grid.get_dataframe()
-    keep = [c for c in frame.columns if c.startswith("config/") and c[7:] in space]
-    keep += [c for c in frame.columns if c == "valid_score" or c.startswith("test_")]
-    rows = frame[keep].rename(columns=lambda c: c[7:] if c.startswith("config/") else c).to_dict("records")
-    table = results_table(rows, [c[7:] if c.startswith("config/") else c for c in keep])
+    rows = []
+    for result in grid:
+        last = _last_report(result)
+        row = {name: result.config.get(name) for name in space}
+        row.update({k: v for k, v in last.items() if k == "valid_score" or k.startswith("test_")})
+        if result.error is not None:
+            row["error"] = type(result.error).__name__
+        rows.append(row)
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    columns = list(space) + [c for c in frame.columns if c not in space]
+    table = results_table(rows, columns)
     print(table)
-    best = grid.get_best_result()
-    print(f"best params: { {k: best.config[k] for k in space} }  (valid score {best.metrics.get('valid_score')})")
+    best = grid.get_best_result(metric="valid_score", mode="max" if valid_bigger else "min", scope="all")
+    print(f"best params: { {k: best.config[k] for k in space} }")
     _write(output_file, table)
     return frame

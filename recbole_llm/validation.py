@@ -19,6 +19,9 @@ PLUGIN_KEYS = {
     "item_text_fields", "item_text_max_chars", "item_text_display_names", "trust_pickled_checkpoint",
     "resume_checkpoint", "allow_unknown_keys", "world_size", "ip", "port", "nproc", "offset", "local_rank",
     "model", "dataset", "config_files", "profile",
+    # keys RecBole derives itself but also accepts from the user
+    "device", "single_spec", "MODEL_TYPE", "MODEL_INPUT_TYPE", "eval_type", "valid_neg_sample_args",
+    "test_neg_sample_args", "eval_neg_sample_args",
 }
 
 

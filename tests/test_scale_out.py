@@ -45,7 +45,8 @@ def test_ray_tune_two_trials(tmp_path):
                         config_dict=tiny_sasrec_config(tmp_path))
     finally:
         ray.shutdown()
-    assert len(frame) == 2
+    assert len(frame) == 2, frame
+    assert "test_ndcg@10" in frame.columns, list(frame.columns)
     assert frame["test_ndcg@10"].notna().all()
     assert "learning_rate" in out.read_text()
 
