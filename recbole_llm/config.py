@@ -29,8 +29,9 @@ def apply_plugin_defaults(config, model_name):
     ``Config`` (e.g. ``recbole.quick_start.run_recbole(model="Laser")``), which does not know the plugin's
     YAMLs. Values the user gave (files, dicts, flags) are kept; RecBole's internal defaults are overridden,
     as the plugin ``Config`` does. A plugin ``Config`` is left untouched."""
-    if isinstance(config, Config):
-        return
+    if isinstance(config, Config) or getattr(config, "_plugin_defaults_applied", False):
+        return  # a plugin Config already merged them; a subclass's call (PAUPSeRALM -> PAUP) must not override
+    config._plugin_defaults_applied = True
     path = plugin_model_yaml(model_name)
     if path is None:
         return

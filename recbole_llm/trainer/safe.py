@@ -9,6 +9,18 @@ from torch.nn.parallel import DistributedDataParallel
 from recbole_llm.checkpoint import atomic_torch_save, load_checkpoint
 
 
+def as_plugin_config(config):
+    """The config as a plugin ``Config`` (a stock RecBole Config pickles two classes that the safe loader
+    refuses; the plugin Config drops them when saved and rebuilds them when loaded)."""
+    from recbole_llm.config import Config
+
+    if isinstance(config, Config):
+        return config
+    converted = Config.__new__(Config)
+    converted.__dict__.update(config.__dict__)
+    return converted
+
+
 class SafeCheckpointMixin:
     """Overrides RecBole's checkpoint write (protocol 4, not atomic) and resume (bare torch.load), and
     makes its DDP set-up work on the CPU with one checkpoint name shared by all ranks."""
@@ -42,7 +54,7 @@ class SafeCheckpointMixin:
 
     def _checkpoint_state(self, epoch):
         return {
-            "config": self.config,
+            "config": as_plugin_config(self.config),
             "epoch": epoch,
             "cur_step": self.cur_step,
             "best_valid_score": self.best_valid_score,

@@ -47,6 +47,8 @@ from recbole.model.layers import FeedForward
 from recbole.model.loss import BPRLoss
 from torch import nn
 
+from recbole_llm.config import apply_plugin_defaults
+
 
 def segment_geometry(max_seq_length, kernel_size, seg_num):
     """(n1 first-level blocks, k2 second conv kernel/stride) giving exactly ``seg_num`` segments.
@@ -213,6 +215,7 @@ class PAUP(SequentialRecommender):
     """
 
     def __init__(self, config, dataset):
+        apply_plugin_defaults(config, "PAUP")  # stock RecBole Config does not know the plugin YAML
         super(PAUP, self).__init__(config, dataset)
 
         self.n_layers = config["n_layers"]

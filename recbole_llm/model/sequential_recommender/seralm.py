@@ -26,12 +26,14 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from recbole.utils import InputType
 from torch import nn
 
 from recbole.model.sequential_recommender.caser import Caser
 from recbole.model.sequential_recommender.lightsans import LightSANs
 from recbole.model.sequential_recommender.sasrec import SASRec
 
+from recbole_llm.config import apply_plugin_defaults
 from recbole_llm.model.sequential_recommender.paup import PAUP
 
 
@@ -82,7 +84,12 @@ class SeRALMMixin:
     knowledge_source, knowledge_* generation/encoding settings, llm_path, encoder_path.
     """
 
+    # Always CE (a softmax over all items). Declared so that RecBole's own Config, which does not read the
+    # plugin YAML, accepts the model without a loss_type key.
+    input_type = InputType.POINTWISE
+
     def __init__(self, config, dataset):
+        apply_plugin_defaults(config, type(self).__name__)  # stock RecBole Config does not know the plugin YAML
         super().__init__(config, dataset)
         if self.loss_type != "CE":
             raise ValueError(f"{type(self).__name__} needs loss_type: CE (log p(y|x, s) is a softmax over all items); "
