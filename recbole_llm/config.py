@@ -40,9 +40,15 @@ def apply_plugin_defaults(config, model_name):
     loader = getattr(config, "yaml_loader", None) or RecBoleConfig._build_yaml_loader(config)
     with open(path) as f:
         defaults = yaml.load(f, Loader=loader) or {}  # RecBole's loader: reads 1e-4 as a float
+    from recbole.utils.argument_list import dataset_arguments
+
+    # The data and its loaders exist before the model does: keys they read (negative sampling, batch
+    # sizes, history length...) cannot change here without making the config lie about the run.
+    data_keys = set(dataset_arguments) | {"train_batch_size", "eval_batch_size", "train_neg_sample_args",
+                                          "valid_neg_sample_args", "test_neg_sample_args", "eval_args"}
     user_keys = set(getattr(config, "external_config_dict", {}) or {})
     for key, value in defaults.items():
-        if key not in user_keys:
+        if key not in user_keys and key not in data_keys:
             config[key] = value
 
 

@@ -26,6 +26,7 @@ from recbole.utils import InputType, set_color
 from torch import nn
 from tqdm.auto import tqdm
 
+from recbole_llm.config import apply_plugin_defaults
 from recbole_llm.data.item_text import item_texts
 from recbole_llm.llm.encode import hidden_states_from_embeds, last_hidden_from_embeds
 from recbole_llm.llm.loader import hidden_size, input_embeddings, load_causal_lm
@@ -54,6 +55,7 @@ class Laser(SequentialRecommender):
     input_type = InputType.POINTWISE
 
     def __init__(self, config, dataset):
+        apply_plugin_defaults(config, "Laser")  # stock RecBole Config does not know the plugin YAML
         super().__init__(config, dataset)
         self.temperature = config["temperature"]
         self.lb_weight = config["lb_weight"]
