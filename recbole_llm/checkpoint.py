@@ -7,10 +7,11 @@ Unpickling arbitrary code is available only through ``trust_pickled_code=True``.
 """
 
 import os
-import tempfile
 
 import numpy as np
 import torch
+
+from recbole_llm.fileio import atomic_path
 
 
 def safe_globals():
@@ -36,17 +37,8 @@ def register_safe_globals():
 
 def atomic_torch_save(obj, path):
     """``torch.save`` to a temp file in the same directory, then rename over ``path``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=directory)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".pth") as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def load_checkpoint(path, map_location=None, trust_pickled_code=False):

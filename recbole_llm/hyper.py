@@ -13,6 +13,7 @@ import math
 import os
 
 from recbole_llm.errors import ConfigError
+from recbole_llm.fileio import atomic_write_text
 
 KINDS = ("choice", "uniform", "quniform", "loguniform")
 
@@ -70,11 +71,7 @@ def results_table(rows, columns):
 
 
 def _write(path, text):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, text + "\n")
 
 
 def _absolute(paths):

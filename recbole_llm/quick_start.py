@@ -19,7 +19,6 @@ from recbole_llm.checkpoint import load_checkpoint
 from recbole_llm.config import Config
 from recbole_llm.errors import UserInputError
 from recbole_llm.data.locate import check_dataset_available, default_config_files
-from recbole_llm.registry import PLUGIN_MODELS
 from recbole_llm.utils import get_model, get_trainer
 
 
@@ -125,10 +124,10 @@ def objective_function(config_dict=None, config_file_list=None, saved=True, mode
         from ray.air import session  # only Ray Tune trials need ray
 
         report = session.report
-    callback = None
-    if report_to_ray == "epoch":
-        def callback(epoch_idx, valid_score):
-            report({"valid_score": float(valid_score), "epoch": epoch_idx})
+    def report_epoch(epoch_idx, valid_score):
+        report({"valid_score": float(valid_score), "epoch": epoch_idx})
+
+    callback = report_epoch if report_to_ray == "epoch" else None
 
     best_valid_score, best_valid_result = trainer.fit(train_data, valid_data, verbose=False, saved=saved,
                                                       callback_fn=callback)

@@ -35,11 +35,11 @@ import html
 import json
 import os
 import re
-import tempfile
 from collections import Counter
 
 from tqdm import tqdm
 
+from recbole_llm.fileio import atomic_path
 from recbole_llm.data.atomic import TEXT_SEQ_SEPARATOR, write_atomic
 
 BASE_URL = "https://datarepo.eng.ucsd.edu/mcauley_group/data/amazon_v2"
@@ -171,11 +171,8 @@ def download(url, dest):
     """Download ``url`` to ``dest`` with a progress bar, through a temporary file renamed at the end."""
     import urllib.request
 
-    directory = os.path.dirname(os.path.abspath(dest))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(dest) + ".", suffix=".part", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url) as response:
+    with atomic_path(dest, suffix=".part") as tmp:
+        with open(tmp, "wb") as out, urllib.request.urlopen(url) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(dest)) as bar:
                 while True:
@@ -184,12 +181,6 @@ def download(url, dest):
                         break
                     out.write(chunk)
                     bar.update(len(chunk))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def raw_paths(category, raw_dir):

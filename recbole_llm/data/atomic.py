@@ -16,8 +16,8 @@ half-written.
 
 import csv
 import math
-import os
-import tempfile
+
+from recbole_llm.fileio import atomic_path
 
 # pandas' default NA strings (pandas.io.parsers: STR_NA_VALUES): RecBole reads these as missing values.
 PANDAS_NA_STRINGS = frozenset({
@@ -91,12 +91,9 @@ def write_atomic(path, fields, rows, seq_separator=TEXT_SEQ_SEPARATOR):
     if not seq_separator or any(c in seq_separator for c in "\t\n\r\""):
         raise ValueError(f"seq_separator {seq_separator!r} must be non-empty without tabs, quotes or newlines")
 
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     count = 0
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
             writer = csv.writer(f, delimiter="\t", quotechar='"', quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
             f.write("\t".join(f"{name}:{ftype}" for name, ftype in fields) + "\n")
             for row in rows:
@@ -105,26 +102,11 @@ def write_atomic(path, fields, rows, seq_separator=TEXT_SEQ_SEPARATOR):
                 writer.writerow([_format_value(name, ftype, value, seq_separator)
                                  for (name, ftype), value in zip(fields, row)])
                 count += 1
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return count
 
 
 def copy_file_atomic(src, dst):
     """Copy ``src`` to ``dst`` through a temporary file and a rename."""
-    directory = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(dst) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+    with atomic_path(dst) as tmp:
+        with open(tmp, "wb") as out, open(src, "rb") as inp:
             out.write(inp.read())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

@@ -19,11 +19,12 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 
 import torch
 from tqdm.auto import tqdm
+
+from recbole_llm.fileio import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -107,17 +108,8 @@ def knowledge_cache_dir(config):
 # ---------------------------------------------------------------------------------------- atomic writes
 def _atomic_write(path, write):
     """Call ``write(tmp_path)`` then rename over ``path``: readers never see half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 # --------------------------------------------------------------------------------------- text cache

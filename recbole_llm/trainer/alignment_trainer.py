@@ -38,7 +38,6 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 import time
 from collections import deque
 
@@ -50,6 +49,7 @@ from recbole.utils import set_color
 from tqdm.auto import tqdm
 
 from recbole_llm.checkpoint import load_checkpoint
+from recbole_llm.fileio import atomic_path
 from recbole_llm.trainer.alignment_loss import alignment_llm_loss, importance_weights
 from recbole_llm.trainer.generator import (
     KnowledgeEncoder,
@@ -183,17 +183,8 @@ def save_adapter(state, path, version):
     """safetensors file of the LoRA state, written atomically (temp file + rename)."""
     from safetensors.torch import save_file
 
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".safetensors") as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata={"adapter_version": version})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 # ------------------------------------------------------------------------------------------ trainer
