@@ -7,6 +7,7 @@ data files and every config value the SR's training depends on. Cache files are 
 read with ``recbole_llm.checkpoint.load_checkpoint`` (weights_only=True).
 """
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -171,14 +172,17 @@ def _sasrec_all_positions(sr, item_seq):
     return sr.trm_encoder(embedded, attention_mask, output_all_encoded_layers=True)[-1]
 
 
-def _rng_state():
-    return random.getstate(), np.random.get_state(), torch.get_rng_state()
-
-
-def _set_rng_state(state):
-    random.setstate(state[0])
-    np.random.set_state(state[1])
-    torch.set_rng_state(state[2])
+@contextlib.contextmanager
+def preserved_rng():
+    """Run a block (training or building a side model) without moving the caller's random streams, so
+    the main run draws the same numbers whether a cache was hit or not."""
+    state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+        torch.set_rng_state(state[2])
 
 
 def load_frozen_sr(config, dataset):
@@ -198,19 +202,13 @@ def load_frozen_sr(config, dataset):
     else:
         path = cache_path(config, sr_config, data_digest(config))
         if not os.path.isfile(path):
-            state = _rng_state()
-            try:
+            with preserved_rng():
                 train_frozen_sr(sr_config, path, show_progress=config["show_progress"])
-            finally:
-                _set_rng_state(state)
         else:
             logger.info(f"Frozen {sr_config['model']} loaded from cache {path}")
     checkpoint = load_checkpoint(path, map_location="cpu", trust_pickled_code=trust and bool(given))
-    state = _rng_state()
-    try:
+    with preserved_rng():
         recommender = get_model(sr_config["model"])(sr_config, dataset)
-    finally:
-        _set_rng_state(state)
     try:
         recommender.load_state_dict(checkpoint["state_dict"])
     except (RuntimeError, KeyError) as err:

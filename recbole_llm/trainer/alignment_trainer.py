@@ -37,11 +37,9 @@ Choices where the paper is silent or loose (each is a config key, paper behaviou
 import hashlib
 import json
 import os
-import random
 import time
 from collections import deque
 
-import numpy as np
 import torch
 import yaml
 from recbole.trainer import Trainer
@@ -125,13 +123,12 @@ def load_frozen_base(config, dataset):
     files' digest and the base's config. Reuses recbole_llm.model.frozen_sr's trainer/cache helpers (that
     module's loader is Laser-specific: BERT4Rec/SASRec only). Global RNG state is left as found."""
     from recbole_llm.config import Config
-    from recbole_llm.model.frozen_sr import data_digest, train_frozen_sr
+    from recbole_llm.model.frozen_sr import data_digest, preserved_rng, train_frozen_sr
     from recbole_llm.utils import get_model
 
     name = base_model_name(config)
     values = frozen_base_config_dict(config, name)
-    state = _rng_state()
-    try:
+    with preserved_rng():
         base_config = Config(model=name, dataset=config["dataset"], config_dict=values, cmd_args=[])
         given = _cfg(config, "frozen_base_checkpoint")
         if given:
@@ -155,21 +152,9 @@ def load_frozen_base(config, dataset):
         except (RuntimeError, KeyError) as err:
             raise ValueError(f"frozen base checkpoint '{path}' does not fit a {name} on dataset "
                              f"'{config['dataset']}': {str(err).splitlines()[0]}") from None
-    finally:
-        _set_rng_state(state)
     model.to(config["device"]).eval()
     model.requires_grad_(False)
     return model
-
-
-def _rng_state():
-    return random.getstate(), np.random.get_state(), torch.get_rng_state()
-
-
-def _set_rng_state(state):
-    random.setstate(state[0])
-    np.random.set_state(state[1])
-    torch.set_rng_state(state[2])
 
 
 # ------------------------------------------------------------------------------------------ adapter
