@@ -246,7 +246,8 @@ def load_knowledge_llm(config):
     from recbole_llm.llm.loader import load_causal_lm
 
     device = config["device"] if "device" in config else None
-    return load_causal_lm(cfg(config, "llm_path"), device=device, num_layers=cfg(config, "llm_num_layers"))
+    return load_causal_lm(cfg(config, "llm_path"), device=device, num_layers=cfg(config, "llm_num_layers"),
+                          trust_remote_code=bool(cfg(config, "llm_trust_remote_code") or False))
 
 
 def generate_knowledge(dataset, config, llm=None, tokenizer=None, adapter_version="base", generate_fn=None,

@@ -68,7 +68,8 @@ def build_lora_llm(config, device=None):
 
     from recbole_llm.llm.loader import load_causal_lm
 
-    llm, tokenizer = load_causal_lm(_cfg(config, "llm_path"), device=device, num_layers=_cfg(config, "llm_num_layers"))
+    llm, tokenizer = load_causal_lm(_cfg(config, "llm_path"), device=device, num_layers=_cfg(config, "llm_num_layers"),
+                                    trust_remote_code=bool(_cfg(config, "llm_trust_remote_code", False)))
     seed = int(_cfg(config, "seed", 0))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # LoRA A init is random: same seed, same adapter in trainer and actor
