@@ -311,3 +311,23 @@ def test_train_samples_per_epoch_bounds_the_steps(built):
     first = [int(u) for u in H.first_batch(train_data)["user_id"]]
     second = [int(u) for u in H.first_batch(train_data)["user_id"]]
     assert first != second  # a different random subset each epoch
+
+
+def test_stage2_never_ends_worse_than_the_best_stage1_state(root):
+    from recbole_llm.trainer.laser_trainer import LaserTrainer
+
+    config, model, train_data, valid_data, _ = H.build(root, stage1_epochs=1, stage2_epochs=2)
+    trainer = LaserTrainer(config, model)
+    real_valid = trainer._valid_epoch
+    scores = iter([0.5, 0.1, 0.2])  # stage 1 validates best; both stage-2 epochs validate worse
+
+    def scripted(valid, show_progress=False):
+        _, result = real_valid(valid, show_progress=show_progress)
+        return next(scores), result
+
+    trainer._valid_epoch = scripted
+    best, _ = trainer.fit(train_data, valid_data, saved=True)
+    assert best == 0.5
+    checkpoint = torch.load(trainer.saved_model_file, weights_only=True)
+    # the best checkpoint is the stage-2 starting point: best stage-1 weights, stage 2, resumable in stage 2
+    assert checkpoint["epoch"] == 0 and checkpoint["laser_stage"] == 2 and checkpoint["best_valid_score"] == 0.5

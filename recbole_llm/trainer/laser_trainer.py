@@ -3,7 +3,8 @@
 Stage 1 (``stage1_epochs``): at every epoch start the whole item matrix is recomputed with the current weights
 (batched, no grad, cached by parameter version); the epoch trains against it and is validated with it; the best
 epoch's weights and item matrix are kept. Stage 2 (``stage2_epochs``): starts from those weights, keeps that
-matrix fixed and trains on; early stopping and best-checkpoint saving restart for the stage. With
+matrix fixed and trains on; early-stopping patience restarts for the stage, and the best stage-1 state
+(saved as the first stage-2 checkpoint) stays the best until a stage-2 epoch validates better. With
 ``skip_stage1`` the matrix is computed once from the initial weights; with ``skip_stage2`` training ends after
 stage 1. The item matrix and the stage live in ``model.other_parameter()``, so checkpoints (weights_only-safe)
 carry them and ``resume_checkpoint`` continues in the right stage.
@@ -86,7 +87,7 @@ class LaserTrainer(SafeCheckpointMixin, Trainer):
         return copy.deepcopy(self.model.state_dict()), {
             k: (v.clone() if torch.is_tensor(v) else v) for k, v in self.model.other_parameter().items()}
 
-    def _enter_stage2(self, verbose):
+    def _enter_stage2(self, verbose, saved=False):
         """Load the best stage-1 weights + item matrix (or compute the matrix once), then fix it."""
         if self._stage1_best is not None:
             state, other = self._stage1_best
@@ -96,9 +97,15 @@ class LaserTrainer(SafeCheckpointMixin, Trainer):
             self.model.refresh_item_matrix(show_progress=self.config["show_progress"])
         self.model.training_stage = 2
         self.cur_step = 0
-        self.best_valid_score = float("-inf") if self.valid_metric_bigger else float("inf")
-        self.best_valid_result = None
+        if self._stage1_best is None:
+            self.best_valid_score = float("-inf") if self.valid_metric_bigger else float("inf")
+            self.best_valid_result = None
         self.optimizer = self._build_optimizer()
+        if self._stage1_best is not None and saved:
+            # Stage 2 starts from the best stage-1 state, a valid stage-2 model (fixed matrix) whose score
+            # stands as the best so far: save it as the stage-2 checkpoint, so a stage-2 epoch replaces it
+            # only if it validates better, and a resume from it continues in stage 2.
+            self._save_checkpoint(self.stage1_epochs - 1, verbose=verbose)
         if verbose:
             self.logger.info(set_color("Laser stage 2", "yellow") + ": item matrix fixed, training on")
 
@@ -115,11 +122,11 @@ class LaserTrainer(SafeCheckpointMixin, Trainer):
         self.eval_collector.data_collect(train_data)
         if self.stage1_epochs == 0 or self.start_epoch >= self.stage1_epochs:
             if self.model.training_stage != 2:
-                self._enter_stage2(verbose)
+                self._enter_stage2(verbose, saved)
         best_result = self.best_valid_result
         for epoch_idx in range(self.start_epoch, self.epochs):
             if self._stage_of(epoch_idx) == 2 and self.model.training_stage != 2:
-                self._enter_stage2(verbose)
+                self._enter_stage2(verbose, saved)
             start = time()
             train_loss = self._train_epoch(train_data, epoch_idx, show_progress=show_progress)
             self.train_loss_dict[epoch_idx] = sum(train_loss) if isinstance(train_loss, tuple) else train_loss
@@ -159,7 +166,7 @@ class LaserTrainer(SafeCheckpointMixin, Trainer):
                     self.logger.info(f"Stage {self.model.training_stage}: early stop at epoch {epoch_idx}")
                 if self.model.training_stage == 1 and self.stage2_epochs > 0:
                     # stage 1 is done early; stage 2 still runs from its best epoch
-                    self._enter_stage2(verbose)
+                    self._enter_stage2(verbose, saved)
                     self.start_epoch = self.stage1_epochs
                     return self.fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
                 break
