@@ -179,3 +179,14 @@ def test_run_recbole_llm_on_ml100k(tmp_path):
     result = run_recbole_llm("PAUP", "ml-100k", config_dict=config_dict, cmd_args=[])
     assert set(result["test_result"]) >= {"recall@10", "ndcg@10", "mrr@10"}
     assert 0.0 <= result["test_result"]["ndcg@10"] <= 1.0
+
+
+@pytest.mark.parametrize("model", ["PAUP", "PAUPSeRALM"])
+@pytest.mark.parametrize("dataset", ["amazon-scientific", "ml-100k"])
+def test_default_geometry_fits_the_bundled_dataset_yamls(model, dataset):
+    from recbole_llm.config import Config
+    from recbole_llm.data.locate import dataset_yaml
+    from recbole_llm.model.sequential_recommender.paup import segment_geometry
+
+    config = Config(model=model, dataset=dataset, config_file_list=[dataset_yaml(dataset)], cmd_args=[])
+    segment_geometry(config["MAX_ITEM_LIST_LENGTH"], config["kernel_size"], config["seg_num"])  # raises if not
