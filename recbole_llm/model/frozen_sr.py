@@ -115,7 +115,7 @@ def train_frozen_sr(sr_config, path, show_progress=False):
     trainer = get_trainer(sr_config["MODEL_TYPE"], sr_config["model"])(sr_config, model)
     trainer.saved_model_file = path + ".best.tmp"
     try:
-        logger.info(f"Training the frozen {sr_config['model']} for Laser (cached afterwards at {path})")
+        logger.info(f"Training the frozen {sr_config['model']} (cached afterwards at {path})")
         trainer.fit(train_data, valid_data, saved=True, show_progress=show_progress, verbose=False)
         best = load_checkpoint(trainer.saved_model_file, map_location="cpu")
         atomic_torch_save({"state_dict": best["state_dict"], "model": sr_config["model"],
