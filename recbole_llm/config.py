@@ -24,6 +24,15 @@ def plugin_model_yaml(model_name):
     return path if os.path.isfile(path) else None
 
 
+def config_get(config, key, default=None):
+    """``config[key]`` for a Config or a plain dict; ``default`` when the key is absent or None (~)."""
+    try:
+        value = config[key]
+    except (KeyError, TypeError):
+        return default
+    return default if value is None else value
+
+
 def apply_plugin_defaults(config, model_name):
     """Fill ``config`` with the plugin's YAML defaults for ``model_name`` when it was built by RecBole's own
     ``Config`` (e.g. ``recbole.quick_start.run_recbole(model="Laser")``), which does not know the plugin's

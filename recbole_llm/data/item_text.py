@@ -20,6 +20,8 @@ import weakref
 
 from recbole.utils import FeatureType
 
+from recbole_llm.config import config_get
+
 DEFAULT_TEXT_FIELDS = ["title", "brand", "categories"]
 TITLE_FIELD_NAMES = ("title", "movie_title", "name", "item_name")
 # Names shown in the text for fields whose column name reads badly; "category" as in the Laser paper.
@@ -28,14 +30,6 @@ DISPLAY_NAMES = {"categories": "category", "category": "category", "class": "gen
 STYLES = ("laser", "title")
 
 _CACHE = weakref.WeakKeyDictionary()
-
-
-def _config_value(config, key, default=None):
-    try:
-        value = config[key]
-    except (KeyError, TypeError):
-        return default
-    return default if value is None else value
 
 
 def item_fields(dataset):
@@ -48,7 +42,7 @@ def item_fields(dataset):
 def find_title_field(dataset):
     """The field holding item titles: ``item_text_fields[0]`` when configured and present, else a common name."""
     present = item_fields(dataset)
-    configured = _config_value(dataset.config, "item_text_fields")
+    configured = config_get(dataset.config, "item_text_fields")
     if configured and configured[0] in present:
         return configured[0]
     for name in TITLE_FIELD_NAMES:
@@ -149,11 +143,11 @@ def item_texts(dataset, config, style="laser"):
 
     Uses ``item_text_fields``, ``item_text_max_chars`` and ``item_text_display_names`` from ``config``.
     """
-    configured = list(_config_value(config, "item_text_fields", DEFAULT_TEXT_FIELDS))
-    max_chars = _config_value(config, "item_text_max_chars")
+    configured = list(config_get(config, "item_text_fields", DEFAULT_TEXT_FIELDS))
+    max_chars = config_get(config, "item_text_max_chars")
     if max_chars is not None and (not isinstance(max_chars, int) or max_chars <= 0):
         raise ValueError(f"item_text_max_chars must be a positive integer or ~, got {max_chars!r}")
-    display_names = dict(_config_value(config, "item_text_display_names", {}))
+    display_names = dict(config_get(config, "item_text_display_names", {}))
     present = item_fields(dataset)
     if not configured or configured[0] not in present:
         title = find_title_field(dataset)

@@ -24,6 +24,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from recbole_llm.config import config_get
 from recbole_llm.fileio import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -46,8 +47,7 @@ DEFAULTS = {
 
 def cfg(config, key):
     """``config[key]`` for a RecBole Config or a plain dict, falling back to this module's defaults."""
-    value = config[key] if key in config else None
-    return DEFAULTS.get(key) if value is None else value
+    return config_get(config, key, DEFAULTS.get(key))
 
 
 def _digest(obj, n=16):

@@ -47,6 +47,7 @@ from recbole.utils import set_color
 from tqdm.auto import tqdm
 
 from recbole_llm.checkpoint import load_checkpoint
+from recbole_llm.config import config_get
 from recbole_llm.fileio import atomic_path
 from recbole_llm.trainer.alignment_loss import alignment_llm_loss, importance_weights
 from recbole_llm.trainer.generator import (
@@ -65,15 +66,10 @@ GENERATOR_MODES = ("sync", "ray")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
-def _cfg(config, key, default=None):
-    value = config[key] if key in config else None
-    return default if value is None else value
-
-
 # --------------------------------------------------------------------------- frozen base recommender
 def base_model_name(config):
     """``frozen_base_model`` or the SeRALM variant's base architecture (SASRecSeRALM -> SASRec)."""
-    name = _cfg(config, "frozen_base_model")
+    name = config_get(config, "frozen_base_model")
     if name:
         return name
     model = str(config["model"])
@@ -113,7 +109,7 @@ def frozen_base_config_dict(config, name):
     # 'device' is derived by RecBole from use_gpu/gpu_id (copied above); plugin configs reject it as a key.
     values.pop("device", None)
     values.update(loss_type="CE", train_neg_sample_args=None,
-                  epochs=int(_cfg(config, "frozen_base_epochs", config["epochs"])))
+                  epochs=int(config_get(config, "frozen_base_epochs", config["epochs"])))
     return values
 
 
@@ -130,7 +126,7 @@ def load_frozen_base(config, dataset):
     values = frozen_base_config_dict(config, name)
     with preserved_rng():
         base_config = Config(model=name, dataset=config["dataset"], config_dict=values, cmd_args=[])
-        given = _cfg(config, "frozen_base_checkpoint")
+        given = config_get(config, "frozen_base_checkpoint")
         if given:
             if not os.path.isfile(given):
                 raise FileNotFoundError(f"frozen_base_checkpoint '{given}' does not exist; expected a {name} "
@@ -140,11 +136,11 @@ def load_frozen_base(config, dataset):
             text = json.dumps({k: values[k] for k in sorted(values) if k not in ("device", "checkpoint_dir",
                               "state", "show_progress", "worker")}, sort_keys=True, default=str)
             key = hashlib.sha256((text + data_digest(config)).encode()).hexdigest()[:16]
-            folder = _cfg(config, "frozen_base_cache_dir") or os.path.join(config["checkpoint_dir"], "frozen_base")
+            folder = config_get(config, "frozen_base_cache_dir") or os.path.join(config["checkpoint_dir"], "frozen_base")
             path = os.path.join(folder, f"{name}-{config['dataset']}-{key}.pth")
             if not os.path.isfile(path):
                 train_frozen_sr(base_config, path, show_progress=bool(config["show_progress"]))
-        trust = bool(_cfg(config, "trust_pickled_checkpoint", False)) and bool(given)
+        trust = bool(config_get(config, "trust_pickled_checkpoint", False)) and bool(given)
         checkpoint = load_checkpoint(path, map_location="cpu", trust_pickled_code=trust)
         model = get_model(name)(base_config, dataset)
         try:
@@ -178,17 +174,17 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
 
     def __init__(self, config, model):
         super().__init__(config, model)
-        self.alignment = bool(_cfg(config, "alignment", True))
-        self.alpha = float(_cfg(config, "alpha", 0.1))
-        ratio_clip = _cfg(config, "align_ratio_clip")
+        self.alignment = bool(config_get(config, "alignment", True))
+        self.alpha = float(config_get(config, "alpha", 0.1))
+        ratio_clip = config_get(config, "align_ratio_clip")
         self.ratio_clip = None if ratio_clip is None else float(ratio_clip)
-        self.kl_estimator = _cfg(config, "kl_estimator", "k2")
+        self.kl_estimator = config_get(config, "kl_estimator", "k2")
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}.")
-        self.generator_mode = _cfg(config, "generator_mode", "sync")
+        self.generator_mode = config_get(config, "generator_mode", "sync")
         if self.generator_mode not in GENERATOR_MODES:
             raise ValueError(f"generator_mode must be one of {GENERATOR_MODES}, got {self.generator_mode!r}.")
-        self.refresh_every = int(_cfg(config, "refresh_every", 50))
+        self.refresh_every = int(config_get(config, "refresh_every", 50))
         self.llm = self.tokenizer = None
         self.adapter_version = None
         self.aligned = False
@@ -204,7 +200,7 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
     def align(self, train_data, show_progress=False):
         """Phases A (warm-up), B (Algorithm 1) and C (regenerate + re-encode all knowledge)."""
         dataset = train_data._dataset
-        warmup = int(_cfg(self.config, "align_warmup_epochs", 1))
+        warmup = int(config_get(self.config, "align_warmup_epochs", 1))
         for epoch in range(warmup):
             loss = self._train_epoch(train_data, epoch, show_progress=show_progress)
             self.logger.info(set_color(f"alignment phase A (warm-up) epoch {epoch}", "green") + f": loss {loss}")
@@ -214,21 +210,21 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
         self.aligned = True
 
     def _planned_steps(self, train_data):
-        steps = _cfg(self.config, "alignment_steps")
+        steps = config_get(self.config, "alignment_steps")
         if steps is not None:
             return int(steps)
-        return int(_cfg(self.config, "alignment_epochs", 1)) * len(train_data)
+        return int(config_get(self.config, "alignment_epochs", 1)) * len(train_data)
 
     def make_generator(self, dataset, frozen_base):
         options = generator_options(self.config)
         prompts = item_prompts(dataset, self.config, self.tokenizer)
         encode = KnowledgeEncoder(self.config, device=self.device)
         if self.generator_mode == "ray":
-            gpus = _cfg(self.config, "generator_num_gpus", 0)
+            gpus = config_get(self.config, "generator_num_gpus", 0)
             return RayGenerator(self.config, prompts, self.model, frozen_base, encode, options, self.refresh_every,
-                                ray_address=_cfg(self.config, "ray_address"),
-                                num_cpus=int(_cfg(self.config, "generator_num_cpus", 1)), num_gpus=gpus,
-                                prefetch=int(_cfg(self.config, "generator_prefetch", 2)))
+                                ray_address=config_get(self.config, "ray_address"),
+                                num_cpus=int(config_get(self.config, "generator_num_cpus", 1)), num_gpus=gpus,
+                                prefetch=int(config_get(self.config, "generator_prefetch", 2)))
         return SyncGenerator(self.llm, self.tokenizer, prompts, self.model, frozen_base, encode, options,
                              self.refresh_every)
 
@@ -243,9 +239,9 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
             return
         frozen_base = load_frozen_base(self.config, dataset)
         params = [p for p in self.llm.parameters() if p.requires_grad]
-        llm_optimizer = torch.optim.AdamW(params, lr=float(_cfg(self.config, "llm_learning_rate", 1e-4)),
+        llm_optimizer = torch.optim.AdamW(params, lr=float(config_get(self.config, "llm_learning_rate", 1e-4)),
                                           weight_decay=0.0)
-        depth = 1 + (int(_cfg(self.config, "generator_prefetch", 2)) if self.generator_mode == "ray" else 0)
+        depth = 1 + (int(config_get(self.config, "generator_prefetch", 2)) if self.generator_mode == "ray" else 0)
         seed = int(self.config["seed"])
         pending = deque()
         submitted = 0
@@ -273,7 +269,7 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
                     record.update(step=step, generator_wait_s=waited, step_s=time.perf_counter() - start)
                     self.alignment_log.append(record)
                     bar.update(1)
-                    if step % max(1, int(_cfg(self.config, "align_log_every", 50))) == 0 or step == total - 1:
+                    if step % max(1, int(config_get(self.config, "align_log_every", 50))) == 0 or step == total - 1:
                         self.logger.info(set_color(f"alignment step {step}/{total}", "green") + ": " + ", ".join(
                             f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float)))
         finally:
@@ -282,7 +278,7 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
     def _batches(self, train_data, total):
         """Training batches, cycling over epochs until ``total`` have been produced; cut to their first
         ``align_batch_size`` rows when set (every row costs one sampled text on CPU)."""
-        rows = _cfg(self.config, "align_batch_size")
+        rows = config_get(self.config, "align_batch_size")
         if rows is not None and int(rows) < 1:
             raise ValueError(f"align_batch_size must be a positive integer or ~, got {rows!r}.")
         produced = 0
@@ -316,7 +312,7 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
         # Line 6 / Eq. 8: the LLM's weighted log-likelihood of s plus the per-token KL penalty.
         self.llm.train()
         token_logps = sequence_logprobs(self.llm, sample["prompt_ids"], sample["gen_ids"],
-                                        batch_size=int(_cfg(self.config, "align_generation_batch_size", 32)),
+                                        batch_size=int(config_get(self.config, "align_generation_batch_size", 32)),
                                         pad_token_id=self.tokenizer.pad_token_id)
         weights = importance_weights(sample["logp_rec_s"], sample["logp_rec_base"], self.ratio_clip)
         llm_loss, stats = alignment_llm_loss(token_logps, sample["orig_token_logps"], weights,

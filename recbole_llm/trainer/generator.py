@@ -32,32 +32,25 @@ from collections import deque
 import torch
 import torch.nn.functional as F
 
+from recbole_llm.config import config_get
 from recbole_llm.trainer.alignment_loss import membership_matrix
 
 logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------ LoRA LLM
-def _cfg(config, key, default=None):
-    try:
-        value = config[key]
-    except (KeyError, TypeError):
-        return default
-    return default if value is None else value
-
-
 def lora_config_from(config):
     """peft LoraConfig from ``lora_r``, ``lora_alpha``, ``lora_dropout``, ``lora_target_modules``."""
     from peft import LoraConfig
 
-    targets = _cfg(config, "lora_target_modules", ["q_proj", "v_proj"])
+    targets = config_get(config, "lora_target_modules", ["q_proj", "v_proj"])
     if isinstance(targets, str):
         targets = [targets]
-    r = int(_cfg(config, "lora_r", 8))
+    r = int(config_get(config, "lora_r", 8))
     if r <= 0:
         raise ValueError(f"lora_r must be a positive integer, got {r}.")
-    return LoraConfig(r=r, lora_alpha=float(_cfg(config, "lora_alpha", 16)),
-                      lora_dropout=float(_cfg(config, "lora_dropout", 0.05)),
+    return LoraConfig(r=r, lora_alpha=float(config_get(config, "lora_alpha", 16)),
+                      lora_dropout=float(config_get(config, "lora_dropout", 0.05)),
                       target_modules=list(targets), bias="none", task_type="CAUSAL_LM")
 
 
@@ -68,15 +61,15 @@ def build_lora_llm(config, device=None):
 
     from recbole_llm.llm.loader import load_causal_lm
 
-    llm, tokenizer = load_causal_lm(_cfg(config, "llm_path"), device=device, num_layers=_cfg(config, "llm_num_layers"),
-                                    trust_remote_code=bool(_cfg(config, "llm_trust_remote_code", False)))
-    seed = int(_cfg(config, "seed", 0))
+    llm, tokenizer = load_causal_lm(config_get(config, "llm_path"), device=device, num_layers=config_get(config, "llm_num_layers"),
+                                    trust_remote_code=bool(config_get(config, "llm_trust_remote_code", False)))
+    seed = int(config_get(config, "seed", 0))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # LoRA A init is random: same seed, same adapter in trainer and actor
         try:
             model = get_peft_model(llm, lora_config_from(config))
         except ValueError as err:
-            raise ValueError(f"lora_target_modules={_cfg(config, 'lora_target_modules')!r} does not fit the LLM "
+            raise ValueError(f"lora_target_modules={config_get(config, 'lora_target_modules')!r} does not fit the LLM "
                              f"({err}); expected names of its attention projections, e.g. [q_proj, v_proj].") from None
     # LoRA weights stay fp32 even when the base LLM is half precision (stable small updates).
     for name, param in model.named_parameters():
@@ -293,16 +286,16 @@ def _lora_values_by_param(model, lora):
 
 def generator_options(config):
     """The sampling/selection options of the generator job from the config (see SeRALM YAMLs)."""
-    count = int(_cfg(config, "align_history_items", 1))
+    count = int(config_get(config, "align_history_items", 1))
     if count < 1:
         raise ValueError(f"align_history_items must be >= 1, got {count}.")
     return {
         "history_items": count,
-        "max_new_tokens": int(_cfg(config, "align_max_new_tokens", _cfg(config, "knowledge_max_new_tokens", 64))),
-        "temperature": float(_cfg(config, "align_temperature", 1.0)),
-        "top_p": float(_cfg(config, "align_top_p", 1.0)),
-        "repetition_penalty": float(_cfg(config, "align_repetition_penalty", 1.0)),
-        "gen_batch_size": int(_cfg(config, "align_generation_batch_size", 32)),
+        "max_new_tokens": int(config_get(config, "align_max_new_tokens", config_get(config, "knowledge_max_new_tokens", 64))),
+        "temperature": float(config_get(config, "align_temperature", 1.0)),
+        "top_p": float(config_get(config, "align_top_p", 1.0)),
+        "repetition_penalty": float(config_get(config, "align_repetition_penalty", 1.0)),
+        "gen_batch_size": int(config_get(config, "align_generation_batch_size", 32)),
     }
 
 
