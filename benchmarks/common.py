@@ -275,3 +275,15 @@ def notes_section(path):
         return ""
     with open(path, encoding="utf-8") as f:
         return "\n## Notes on the measurements\n\n" + f.read().strip() + "\n"
+
+
+def resolve_mode(args):
+    """Results-file mode from --quick/--gpu; sets ``args.profile`` and refuses --gpu without CUDA."""
+    mode = ("quick-gpu" if args.gpu else "quick") if args.quick else ("gpu" if args.gpu else "cpu")
+    args.profile = "paper" if args.gpu else "cpu"
+    if args.gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("error: --gpu needs a CUDA GPU (torch.cuda.is_available() is False)")
+    return mode

@@ -398,13 +398,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.child:
         return args, None
-    mode = ("quick-gpu" if args.gpu else "quick") if args.quick else ("gpu" if args.gpu else "cpu")
-    args.profile = "paper" if args.gpu else "cpu"
-    if args.gpu:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise SystemExit("error: --gpu needs a CUDA GPU (torch.cuda.is_available() is False)")
+    mode = common.resolve_mode(args)
     args.datasets = args.datasets or (["ml-100k"] if args.quick else list(DATASETS))
     args.seeds = args.seeds or ([1] if args.quick else [1, 2, 3])
     return args, mode

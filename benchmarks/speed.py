@@ -472,13 +472,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.child:
         return args, None
-    mode = ("quick-gpu" if args.gpu else "quick") if args.quick else ("gpu" if args.gpu else "cpu")
-    args.profile = "paper" if args.gpu else "cpu"
-    if args.gpu:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise SystemExit("error: --gpu needs a CUDA GPU (torch.cuda.is_available() is False)")
+    mode = common.resolve_mode(args)
     args.dataset = args.dataset or ("ml-100k" if args.quick else "amazon-scientific")
     return args, mode
 
