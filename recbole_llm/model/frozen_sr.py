@@ -189,31 +189,39 @@ def load_frozen_sr(config, dataset):
     """The frozen SR for the Laser ``config``/``dataset``: from ``frozen_sr_checkpoint`` or the cache
     (trained first when absent). Global RNG state is left as found, so Laser's own init is reproducible
     whether or not the SR had to be trained."""
+    sr_config = _build_sr_config(config)
+    recommender = trained_recommender(
+        sr_config, dataset, given=config["frozen_sr_checkpoint"], key="frozen_sr_checkpoint",
+        cache_file=cache_path(config, sr_config, data_digest(config)), show_progress=config["show_progress"],
+        trust=bool(config["trust_pickled_checkpoint"]) if "trust_pickled_checkpoint" in config else False)
+    return FrozenSR(recommender)
+
+
+def trained_recommender(sr_config, dataset, given, key, cache_file, show_progress=False, trust=False):
+    """A RecBole ``sr_config['model']`` with trained weights, from the checkpoint ``given`` (config key
+    ``key``), else from ``cache_file``, trained with RecBole first when absent. Global RNG state is left as
+    found, so the caller's own initialisation is the same whether or not training happened."""
     from recbole_llm.utils import get_model
 
-    sr_config = _build_sr_config(config)
-    given = config["frozen_sr_checkpoint"]
-    trust = bool(config["trust_pickled_checkpoint"]) if "trust_pickled_checkpoint" in config else False
+    name = sr_config["model"]
     if given:
         if not os.path.isfile(given):
-            raise FileNotFoundError(f"frozen_sr_checkpoint '{given}' does not exist; expected a RecBole "
-                                    f"{config['frozen_sr_model']} checkpoint trained on '{config['dataset']}'.")
+            raise FileNotFoundError(f"{key} '{given}' does not exist; expected a RecBole {name} checkpoint "
+                                    f"trained on '{sr_config['dataset']}'.")
         path = given
     else:
-        path = cache_path(config, sr_config, data_digest(config))
+        path = cache_file
         if not os.path.isfile(path):
             with preserved_rng():
-                train_frozen_sr(sr_config, path, show_progress=config["show_progress"])
+                train_frozen_sr(sr_config, path, show_progress=show_progress)
         else:
-            logger.info(f"Frozen {sr_config['model']} loaded from cache {path}")
+            logger.info(f"Frozen {name} loaded from cache {path}")
     checkpoint = load_checkpoint(path, map_location="cpu", trust_pickled_code=trust and bool(given))
     with preserved_rng():
-        recommender = get_model(sr_config["model"])(sr_config, dataset)
+        recommender = get_model(name)(sr_config, dataset)
     try:
         recommender.load_state_dict(checkpoint["state_dict"])
     except (RuntimeError, KeyError) as err:
-        raise ValueError(
-            f"frozen SR checkpoint '{path}' does not fit a {sr_config['model']} with frozen_sr_* sizes and "
-            f"{dataset.item_num} items of dataset '{config['dataset']}': {str(err).splitlines()[0]}"
-        ) from None
-    return FrozenSR(recommender)
+        raise ValueError(f"checkpoint '{path}' ({key}) does not fit a {name} with {dataset.item_num} items of "
+                         f"dataset '{sr_config['dataset']}' and these sizes: {str(err).splitlines()[0]}") from None
+    return recommender

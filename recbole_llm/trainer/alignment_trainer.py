@@ -46,7 +46,6 @@ from recbole.trainer import Trainer
 from recbole.utils import set_color
 from tqdm.auto import tqdm
 
-from recbole_llm.checkpoint import load_checkpoint
 from recbole_llm.config import config_get
 from recbole_llm.fileio import atomic_path
 from recbole_llm.trainer.alignment_loss import alignment_llm_loss, importance_weights
@@ -119,35 +118,21 @@ def load_frozen_base(config, dataset):
     files' digest and the base's config. Reuses recbole_llm.model.frozen_sr's trainer/cache helpers (that
     module's loader is Laser-specific: BERT4Rec/SASRec only). Global RNG state is left as found."""
     from recbole_llm.config import Config
-    from recbole_llm.model.frozen_sr import data_digest, preserved_rng, train_frozen_sr
-    from recbole_llm.utils import get_model
+    from recbole_llm.model.frozen_sr import data_digest, preserved_rng, trained_recommender
 
     name = base_model_name(config)
     values = frozen_base_config_dict(config, name)
     with preserved_rng():
         base_config = Config(model=name, dataset=config["dataset"], config_dict=values, cmd_args=[])
-        given = config_get(config, "frozen_base_checkpoint")
-        if given:
-            if not os.path.isfile(given):
-                raise FileNotFoundError(f"frozen_base_checkpoint '{given}' does not exist; expected a {name} "
-                                        f"checkpoint trained on '{config['dataset']}' without knowledge.")
-            path = given
-        else:
-            text = json.dumps({k: values[k] for k in sorted(values) if k not in ("device", "checkpoint_dir",
-                              "state", "show_progress", "worker")}, sort_keys=True, default=str)
-            key = hashlib.sha256((text + data_digest(config)).encode()).hexdigest()[:16]
-            folder = config_get(config, "frozen_base_cache_dir") or os.path.join(config["checkpoint_dir"], "frozen_base")
-            path = os.path.join(folder, f"{name}-{config['dataset']}-{key}.pth")
-            if not os.path.isfile(path):
-                train_frozen_sr(base_config, path, show_progress=bool(config["show_progress"]))
-        trust = bool(config_get(config, "trust_pickled_checkpoint", False)) and bool(given)
-        checkpoint = load_checkpoint(path, map_location="cpu", trust_pickled_code=trust)
-        model = get_model(name)(base_config, dataset)
-        try:
-            model.load_state_dict(checkpoint["state_dict"])
-        except (RuntimeError, KeyError) as err:
-            raise ValueError(f"frozen base checkpoint '{path}' does not fit a {name} on dataset "
-                             f"'{config['dataset']}': {str(err).splitlines()[0]}") from None
+    text = json.dumps({k: values[k] for k in sorted(values) if k not in ("device", "checkpoint_dir",
+                      "state", "show_progress", "worker")}, sort_keys=True, default=str)
+    key = hashlib.sha256((text + data_digest(config)).encode()).hexdigest()[:16]
+    folder = config_get(config, "frozen_base_cache_dir") or os.path.join(config["checkpoint_dir"], "frozen_base")
+    model = trained_recommender(
+        base_config, dataset, given=config_get(config, "frozen_base_checkpoint"), key="frozen_base_checkpoint",
+        cache_file=os.path.join(folder, f"{name}-{config['dataset']}-{key}.pth"),
+        show_progress=bool(config["show_progress"]),
+        trust=bool(config_get(config, "trust_pickled_checkpoint", False)))
     model.to(config["device"]).eval()
     model.requires_grad_(False)
     return model
