@@ -8,9 +8,10 @@ Both steps are slow and reusable, so both are cached under ``knowledge_cache_dir
   appended with flush + fsync, so a killed run resumes from the last finished batch (a truncated last
   line is ignored). ``knowledge-<key>.json``: the consolidated texts, written atomically at the end.
   The key covers the dataset (name + digest of the item texts), the LLM (path + file fingerprint, kept
-  layers), the adapter version (e.g. an alignment step) and every setting that changes the output.
+  layers, dtype), the adapter version (e.g. an alignment step), every setting that changes the output and
+  the package version.
 - ``vectors-<key>.safetensors``: the encoded matrix [n_items, d_text] (row 0, the padding item, is zero),
-  keyed by the texts' digest + the encoder's identity.
+  keyed by the texts' digest, the encoder's identity and dtype, and the package version.
 
 Nothing here is called at recommendation time: models read the finished matrix at construction.
 """
@@ -94,6 +95,15 @@ def encoder_identity(config):
 
         path = bundled_encoder_dir()
     return {"encoder": os.path.basename(os.path.normpath(str(path))), "encoder_fingerprint": file_fingerprint(path)}
+
+
+def compute_dtype(config):
+    """The dtype the LLM and the encoder run in on the config's device (bf16/fp16 on CUDA, fp32 on CPU):
+    generated text and vectors differ between them, so it is part of both cache keys."""
+    from recbole_llm.llm.loader import default_dtype, resolve_device
+
+    device = config["device"] if "device" in config else None
+    return str(default_dtype(resolve_device(device))).replace("torch.", "")
 
 
 def knowledge_cache_dir(config):
@@ -205,8 +215,11 @@ def generation_settings(config):
 
 def knowledge_key(dataset_name, source_texts, config, adapter_version="base"):
     """Cache key and the metadata it summarises (stored in the final file for inspection)."""
+    from recbole_llm.llm.loader import package_version
+
     meta = {"dataset": str(dataset_name), "item_texts": _digest(source_texts), **llm_identity(config),
-            "adapter_version": str(adapter_version), **generation_settings(config)}
+            "llm_dtype": compute_dtype(config), "adapter_version": str(adapter_version),
+            **generation_settings(config), "package_version": package_version()}
     return _digest(meta), meta
 
 
@@ -303,8 +316,13 @@ def _generate_batches(cache, todo, source_texts, generate_fn, tokenizer, batch_s
 
 # ----------------------------------------------------------------------------------------- encoding
 def vectors_path(texts, config):
-    key = _digest({"texts": _digest(list(texts), 32), **encoder_identity(config),
-                   "max_length": int(cfg(config, "knowledge_encoder_max_length")), "normalize": True})
+    """``vectors-<key>.safetensors``: the key digests the texts, the encoder (files, dtype), the encoding
+    settings and the package version."""
+    from recbole_llm.llm.loader import package_version
+
+    key = _digest({"texts": _digest(list(texts), 32), **encoder_identity(config), "encoder_dtype": compute_dtype(config),
+                   "max_length": int(cfg(config, "knowledge_encoder_max_length")), "normalize": True,
+                   "package_version": package_version()})
     return os.path.join(knowledge_cache_dir(config), f"vectors-{key}.safetensors")
 
 

@@ -101,6 +101,14 @@ def cache_dir():
     return os.path.abspath(path)
 
 
+def package_version():
+    """recbole_llm's version, part of every on-disk cache key: a new release may write a cache differently,
+    so it never reads one written by another version (read at call time, so tests can patch it)."""
+    import recbole_llm
+
+    return str(recbole_llm.__version__)
+
+
 # ----------------------------------------------------------------------------------------- GGUF -> HF
 def _sha256_prefix(path, n=16):
     digest = hashlib.sha256()
@@ -111,10 +119,11 @@ def _sha256_prefix(path, n=16):
 
 
 def _gguf_digest(gguf_path):
-    """sha256[:16] of the GGUF file, remembered in cache_dir()/converted/digests.json per (path, size,
-    mtime) so that a cached load does not re-read ~100 MB (several seconds on a busy CPU)."""
+    """sha256[:16] of the GGUF file, remembered in cache_dir()/converted/digests.json per (path, inode, size,
+    mtime, ctime) so that a cached load does not re-read ~100 MB (several seconds on a busy CPU). ctime is
+    there because any write, copy-over or utime() moves it, while mtime can be set back by tools."""
     stat = os.stat(gguf_path)
-    key = f"{os.path.realpath(gguf_path)}|{stat.st_size}|{stat.st_mtime_ns}"
+    key = f"{os.path.realpath(gguf_path)}|{stat.st_ino}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}"
     index_path = os.path.join(cache_dir(), "converted", "digests.json")
     try:
         with open(index_path) as f:
@@ -129,9 +138,13 @@ def _gguf_digest(gguf_path):
 
 
 def converted_gguf_dir(gguf_path):
-    """Where the safetensors copy of ``gguf_path`` lives: cache_dir()/converted/<name>-<sha256[:16]>."""
+    """Where the safetensors copy of ``gguf_path`` lives: cache_dir()/converted/<name>-<key>, the key digesting
+    the GGUF's bytes (sha256), this package's version and transformers' (which does the dequantising)."""
+    import transformers
+
     name = os.path.splitext(os.path.basename(gguf_path))[0]
-    return os.path.join(cache_dir(), "converted", f"{name}-{_gguf_digest(gguf_path)}")
+    inputs = f"{_gguf_digest(gguf_path)}|recbole_llm={package_version()}|transformers={transformers.__version__}"
+    return os.path.join(cache_dir(), "converted", f"{name}-{hashlib.sha256(inputs.encode()).hexdigest()[:16]}")
 
 
 def convert_gguf(gguf_path):

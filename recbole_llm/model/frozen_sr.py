@@ -3,8 +3,8 @@
 BERT4Rec (the paper's choice) or SASRec, either from a given RecBole checkpoint (``frozen_sr_checkpoint``)
 or trained here first with RecBole's own model and trainer on the same dataset and split, then cached:
 ``<frozen_sr_cache_dir or checkpoint_dir/frozen_sr>/<SR>-<dataset>-<key>.pth`` where the key digests the
-data files and every config value the SR's training depends on. Cache files are written atomically and
-read with ``recbole_llm.checkpoint.load_checkpoint`` (weights_only=True).
+data files, every config value the SR's training depends on and the package version. Cache files are
+written atomically and read with ``recbole_llm.checkpoint.load_checkpoint`` (weights_only=True).
 """
 
 import contextlib
@@ -33,12 +33,18 @@ DATA_KEYS = (
     "eval_args", "metrics", "topk", "valid_metric", "seed", "reproducibility", "use_gpu", "gpu_id",
     "checkpoint_dir", "state", "show_progress", "worker",
 )
-# Keys whose values decide the cached SR's weights (besides the data files).
+# Keys whose values decide the cached SR's weights, besides the data files' bytes and every DATA_KEYS value
+# except those in NOT_KEY_FIELDS.
 KEY_FIELDS = ("model", "n_layers", "n_heads", "hidden_size", "inner_size", "hidden_dropout_prob",
               "attn_dropout_prob", "hidden_act", "layer_norm_eps", "initializer_range", "mask_ratio", "ft_ratio",
               "loss_type", "epochs", "learning_rate", "train_batch_size", "stopping_step", "seed",
               "MAX_ITEM_LIST_LENGTH", "eval_args", "valid_metric", "load_col", "rm_dup_inter", "val_interval",
               "filter_inter_by_user_or_item", "user_inter_num_interval", "item_inter_num_interval", "threshold")
+# Settings that do not change the trained weights: where files go, logging, the device, the reported metrics
+# (valid_metric, which early stopping reads, is keyed) and data_path (the data files are keyed by their
+# bytes, so a moved dataset keeps its cache).
+NOT_KEY_FIELDS = ("data_path", "checkpoint_dir", "state", "show_progress", "worker", "use_gpu", "gpu_id", "device",
+                  "metrics", "topk")
 
 logger = logging.getLogger(__name__)
 
@@ -65,11 +71,13 @@ def sr_config_dict(config):
 
 
 def data_digest(config):
-    """sha256 (16 hex) of the dataset's atomic files (.inter, .item, .user when present)."""
+    """sha256 (16 hex) of the dataset's atomic files (.inter, .item, .user, and the pre-split
+    ``<dataset>.<part>.inter`` files of ``benchmark_filename``, when present)."""
     digest = hashlib.sha256()
     folder, name = config["data_path"], config["dataset"]
+    parts = config["benchmark_filename"] if "benchmark_filename" in config else None
     found = False
-    for suffix in ("inter", "item", "user"):
+    for suffix in ["inter", "item", "user"] + [f"{part}.inter" for part in parts or []]:
         path = os.path.join(folder, f"{name}.{suffix}")
         if os.path.isfile(path):
             found = True
@@ -82,15 +90,25 @@ def data_digest(config):
     return digest.hexdigest()[:16]
 
 
-def cache_key(sr_config, digest):
-    values = {k: sr_config[k] for k in KEY_FIELDS if k in sr_config}
-    text = json.dumps(values, sort_keys=True, default=str) + digest
+def cache_key(values, digest):
+    """Key of a cached trained recommender: its config ``values`` (minus NOT_KEY_FIELDS), the data digest
+    and the package version. Shared by Laser's frozen SR and SeRALM's frozen base."""
+    from recbole_llm.llm.loader import package_version
+
+    values = {k: v for k, v in values.items() if k not in NOT_KEY_FIELDS}
+    text = json.dumps(values, sort_keys=True, default=str) + digest + package_version()
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def sr_key_values(sr_config):
+    """The SR config values its cached weights depend on."""
+    return {k: sr_config[k] for k in KEY_FIELDS + DATA_KEYS if k in sr_config}
 
 
 def cache_path(config, sr_config, digest):
     folder = config["frozen_sr_cache_dir"] or os.path.join(config["checkpoint_dir"], "frozen_sr")
-    return os.path.join(folder, f"{sr_config['model']}-{config['dataset']}-{cache_key(sr_config, digest)}.pth")
+    key = cache_key(sr_key_values(sr_config), digest)
+    return os.path.join(folder, f"{sr_config['model']}-{config['dataset']}-{key}.pth")
 
 
 def _build_sr_config(config):

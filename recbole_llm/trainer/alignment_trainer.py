@@ -34,8 +34,6 @@ Choices where the paper is silent or loose (each is a config key, paper behaviou
 - alignment runs in one process (no DDP); the text encoder is not trained during alignment.
 """
 
-import hashlib
-import json
 import os
 import time
 from collections import deque
@@ -118,15 +116,13 @@ def load_frozen_base(config, dataset):
     files' digest and the base's config. Reuses recbole_llm.model.frozen_sr's trainer/cache helpers (that
     module's loader is Laser-specific: BERT4Rec/SASRec only). Global RNG state is left as found."""
     from recbole_llm.config import Config
-    from recbole_llm.model.frozen_sr import data_digest, preserved_rng, trained_recommender
+    from recbole_llm.model.frozen_sr import cache_key, data_digest, preserved_rng, trained_recommender
 
     name = base_model_name(config)
     values = frozen_base_config_dict(config, name)
     with preserved_rng():
         base_config = Config(model=name, dataset=config["dataset"], config_dict=values, cmd_args=[])
-    text = json.dumps({k: values[k] for k in sorted(values) if k not in ("device", "checkpoint_dir",
-                      "state", "show_progress", "worker")}, sort_keys=True, default=str)
-    key = hashlib.sha256((text + data_digest(config)).encode()).hexdigest()[:16]
+    key = cache_key(values, data_digest(config))
     folder = config_get(config, "frozen_base_cache_dir") or os.path.join(config["checkpoint_dir"], "frozen_base")
     model = trained_recommender(
         base_config, dataset, given=config_get(config, "frozen_base_checkpoint"), key="frozen_base_checkpoint",
