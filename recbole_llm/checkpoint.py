@@ -7,10 +7,13 @@ Unpickling arbitrary code is available only through ``trust_pickled_code=True``.
 """
 
 import os
+import pickle
 
 import numpy as np
 import torch
 
+from recbole_llm.errors import CorruptFileError, DataNotFoundError, UserInputError
+from recbole_llm.faults import kill_point
 from recbole_llm.fileio import atomic_path
 
 
@@ -39,20 +42,30 @@ def atomic_torch_save(obj, path):
     """``torch.save`` to a temp file in the same directory, then rename over ``path``."""
     with atomic_path(path, suffix=".pth") as tmp:
         torch.save(obj, tmp)
+        kill_point("checkpoint_write")  # recovery tests: die with the temp file written, not yet renamed
+
+
+class UnsafeCheckpointError(UserInputError, RuntimeError):
+    """A checkpoint whose pickle holds objects outside the allow-list."""
 
 
 def load_checkpoint(path, map_location=None, trust_pickled_code=False):
     """Load a checkpoint safely. ``trust_pickled_code=True`` runs whatever code the file's pickle holds:
     use it only for files you made yourself with an older RecBole."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Checkpoint '{path}' does not exist.")
+        raise DataNotFoundError(f"Checkpoint '{path}' does not exist.")
     try:
         return torch.load(path, map_location=map_location, weights_only=not trust_pickled_code)
-    except Exception as err:  # torch raises UnpicklingError/RuntimeError with a long hint
+    except pickle.UnpicklingError as err:  # weights_only refused a class (torch adds a long hint)
         if trust_pickled_code:
             raise
-        raise RuntimeError(
+        raise UnsafeCheckpointError(
             f"Checkpoint '{path}' holds objects that cannot be loaded safely ({str(err).splitlines()[0]}). "
             "If you made this file yourself (e.g. with plain RecBole), load it with "
             "trust_pickled_code=True (config key `trust_pickled_checkpoint: True`), which runs code from the file."
         ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:  # truncated/overwritten: not a torch zip file
+        raise CorruptFileError(
+            f"Checkpoint '{path}' cannot be read ({str(err).splitlines()[0]}): it was damaged or replaced outside "
+            "the package (its own writes are atomic). Delete it (a cache is rebuilt on the next run) or use "
+            "another file.") from None

@@ -122,6 +122,14 @@ class Config(RecBoleConfig):
         final = self.final_config_dict
         import torch
 
+        asked = str(self.external_config_dict.get("device") or "")
+        if asked.startswith("cuda") and not torch.cuda.is_available():
+            from recbole_llm.errors import ConfigError
+
+            raise ConfigError(f"device={asked!r} asks for CUDA, but torch {torch.__version__} sees no CUDA device "
+                              "(a CPU-only torch build or no GPU); use --device=cpu, or leave device unset "
+                              "(RecBole then uses the GPU when there is one).")
+
         if "local_rank" not in final or (torch.cuda.is_available() and str(final["gpu_id"]) != ""):
             return super()._init_device()
         # RecBole's DDP set-up is NCCL-only; without CUDA the same run uses gloo on the CPU.

@@ -11,3 +11,8 @@ class ConfigError(UserInputError, ValueError):
 
 class DataNotFoundError(UserInputError, FileNotFoundError):
     """A dataset, model or cache file the run needs is not where it was expected."""
+
+
+class CorruptFileError(UserInputError, ValueError):
+    """A cache or checkpoint file exists but cannot be read (changed or damaged outside the package: the
+    package itself only ever renames complete files into place)."""

@@ -19,7 +19,18 @@ from recbole_llm.checkpoint import load_checkpoint
 from recbole_llm.config import Config
 from recbole_llm.errors import UserInputError
 from recbole_llm.data.locate import check_dataset_available, default_config_files
+from recbole_llm.preflight import DataFileError, check_run_inputs
+from recbole_llm.run_log import HeldLogFile
 from recbole_llm.utils import get_model, get_trainer
+
+
+def read_dataset(config):
+    """RecBole's ``create_dataset``; a file its reader cannot parse is named in a user error."""
+    try:
+        return create_dataset(config)
+    except ValueError as err:
+        raise DataFileError(f"RecBole could not read the atomic files of dataset '{config['dataset']}' in "
+                            f"'{config['data_path']}': {err}") from None
 
 
 def build_config(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_args=None,
@@ -30,6 +41,7 @@ def build_config(model=None, dataset=None, config_file_list=None, config_dict=No
     config = Config(model=model, dataset=dataset, config_file_list=auto_files + config_file_list,
                     config_dict=config_dict, cmd_args=cmd_args)
     check_dataset_available(config)
+    check_run_inputs(config)  # before anything is written
     return config
 
 
@@ -48,23 +60,33 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
     """
     config = build_config(model, dataset, config_file_list, config_dict, cmd_args, profile)
     init_seed(config["seed"], config["reproducibility"])
-    init_logger(config)
+    log_file = HeldLogFile(config)  # the log file appears once the data is read and the model built
     logger = getLogger()
     logger.info(sys.argv)
     logger.info(config)
+    try:
+        dataset = read_dataset(config)
+        logger.info(dataset)
+        train_data, valid_data, test_data = data_preparation(config, dataset)
 
-    dataset = create_dataset(config)
-    logger.info(dataset)
-    train_data, valid_data, test_data = data_preparation(config, dataset)
-
-    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+        init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+        model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    except UserInputError:
+        log_file.discard()
+        raise
+    finally:
+        log_file.release()  # no-op after discard(); a crash keeps its log
     logger.info(model)
     log_parameter_counts(model, logger)
 
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     if config["resume_checkpoint"]:
         trainer.resume_checkpoint(config["resume_checkpoint"])
+    elif hasattr(trainer, "resume_interrupted_run"):  # every trainer get_trainer returns has it
+        if config["resume"]:
+            trainer.resume_interrupted_run()
+        else:
+            trainer.warn_if_interrupted_run()
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"]
     )

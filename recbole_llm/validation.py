@@ -17,7 +17,7 @@ from recbole_llm.errors import ConfigError
 # Keys the plugin reads that are not model keys.
 PLUGIN_KEYS = {
     "item_text_fields", "item_text_max_chars", "item_text_display_names", "trust_pickled_checkpoint",
-    "resume_checkpoint", "allow_unknown_keys", "world_size", "ip", "port", "nproc", "offset", "local_rank",
+    "resume_checkpoint", "resume", "allow_unknown_keys", "world_size", "ip", "port", "nproc", "offset", "local_rank",
     "model", "dataset", "config_files", "profile",
     # keys RecBole derives itself but also accepts from the user
     "device", "single_spec", "MODEL_TYPE", "MODEL_INPUT_TYPE", "eval_type", "valid_neg_sample_args",

@@ -26,6 +26,8 @@ import torch
 from tqdm.auto import tqdm
 
 from recbole_llm.config import config_get
+from recbole_llm.errors import CorruptFileError
+from recbole_llm.faults import kill_point
 from recbole_llm.fileio import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -141,7 +143,8 @@ class KnowledgeCache:
             try:
                 data = json.load(f)
             except json.JSONDecodeError as err:
-                raise ValueError(f"Knowledge cache '{self.final_path}' is corrupt ({err}); delete it to regenerate.")
+                raise CorruptFileError(f"Knowledge cache '{self.final_path}' is corrupt ({err}); delete it to "
+                                       "regenerate.") from None
         return data["texts"]
 
     def load_partial(self):
@@ -164,7 +167,7 @@ class KnowledgeCache:
                     raise ValueError("ids and texts differ in length")
             except (ValueError, KeyError, TypeError) as err:
                 if any(rest.strip() for rest in lines[number + 1:]):
-                    raise ValueError(f"Knowledge cache '{self.partial_path}' line {number + 1} is corrupt ({err}); "
+                    raise CorruptFileError(f"Knowledge cache '{self.partial_path}' line {number + 1} is corrupt ({err}); "
                                      "delete the file to regenerate.") from None
                 logger.warning(f"Ignoring a truncated last line in {self.partial_path} (interrupted run).")
                 with open(self.partial_path, "r+b") as f:
@@ -308,6 +311,7 @@ def _generate_batches(cache, todo, source_texts, generate_fn, tokenizer, batch_s
             if len(outputs) != len(ids):
                 raise RuntimeError(f"The generator returned {len(outputs)} texts for {len(ids)} prompts.")
             cache.append_batch(ids, outputs)
+            kill_point("knowledge_batch")
             done.update(zip(ids, outputs))
             bar.update(len(ids))
     elapsed = time.perf_counter() - start
@@ -338,7 +342,11 @@ def encode_knowledge(texts, config, encoder=None, progress=True):
     texts = list(texts)
     path = vectors_path(texts, config)
     if os.path.isfile(path):
-        vectors = load_file(path)["vectors"]
+        try:
+            vectors = load_file(path)["vectors"]
+        except Exception as err:  # safetensors raises its own error types for a damaged file
+            raise CorruptFileError(f"Knowledge vectors cache '{path}' cannot be read ({str(err).splitlines()[0]}); "
+                                   "delete it to re-encode.") from None
         if vectors.size(0) == len(texts):
             return vectors
         logger.warning(f"Ignoring {path}: it holds {vectors.size(0)} rows, expected {len(texts)}.")

@@ -333,6 +333,16 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
         if self.llm is not None and (self.config["single_spec"] or self.config["local_rank"] == 0):
             save_adapter(lora_state(self.llm), adapter_path(saved_model_file), self.adapter_version or "")
 
+    def _resume_extra(self):
+        return {"adapter_version": self.adapter_version}
+
+    def _load_resume_extra(self, extra):
+        # The resume state is written only by the training after alignment; its state_dict holds the
+        # aligned knowledge matrix, so alignment is not run again.
+        if extra and extra.get("adapter_version"):
+            self.adapter_version = extra["adapter_version"]
+            self.aligned = True
+
     def resume_checkpoint(self, resume_file):
         """RecBole resume; a checkpoint written after alignment (it records the adapter version) holds the
         aligned knowledge matrix in its state_dict, so alignment is not run again."""

@@ -22,6 +22,7 @@ from recbole.utils import dict2str, early_stopping, set_color
 from torch.nn.utils import clip_grad_norm_
 from tqdm.auto import tqdm
 
+from recbole_llm.faults import kill_point
 from recbole_llm.trainer.safe import SafeCheckpointMixin
 
 
@@ -49,6 +50,7 @@ class LaserTrainer(SafeCheckpointMixin, Trainer):
 
     # ------------------------------------------------------------------------------------------- epochs
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        self._begin_epoch(train_data, epoch_idx)  # resume state is recorded before the item refresh
         if self.model.training_stage == 1:
             if self.model.refresh_item_matrix(show_progress=show_progress):
                 self.logger.info(f"epoch {epoch_idx}: item matrix recomputed ({self.model.n_items - 1} items)")
@@ -64,6 +66,7 @@ class LaserTrainer(SafeCheckpointMixin, Trainer):
         for batch_idx, interaction in enumerate(iter_data):
             if batch_idx >= n_batches:
                 break
+            kill_point("train_batch")
             interaction = interaction.to(self.device)
             self.optimizer.zero_grad()
             losses = loss_func(interaction)
@@ -116,7 +119,13 @@ class LaserTrainer(SafeCheckpointMixin, Trainer):
             self._stage1_best = self._snapshot()  # the checkpoint is the best stage-1 epoch so far
         self.logger.info(f"Laser resumes in stage {checkpoint_stage} at epoch {self.start_epoch}")
 
-    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+    def _resume_extra(self):
+        return {"stage1_best": self._stage1_best}
+
+    def _load_resume_extra(self, extra):
+        self._stage1_best = (extra or {}).get("stage1_best")
+
+    def _fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         if saved and self.start_epoch >= self.epochs:
             self._save_checkpoint(-1)
         self.eval_collector.data_collect(train_data)
@@ -168,7 +177,7 @@ class LaserTrainer(SafeCheckpointMixin, Trainer):
                     # stage 1 is done early; stage 2 still runs from its best epoch
                     self._enter_stage2(verbose, saved)
                     self.start_epoch = self.stage1_epochs
-                    return self.fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+                    return self._fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
                 break
         if self.model.training_stage == 1 and self._stage1_best is not None and not saved:
             # without a checkpoint file, evaluate() cannot reload the best epoch: keep it in the model now

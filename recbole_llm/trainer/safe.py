@@ -1,12 +1,16 @@
-"""Trainer mixin whose checkpoints load with ``torch.load(weights_only=True)``."""
+"""Trainer mixin whose checkpoints load with ``torch.load(weights_only=True)`` and whose runs can be resumed
+exactly after being killed (see ``recbole_llm.trainer.resume``)."""
 
 import functools
+import os
 
 import torch
 from recbole.utils import set_color
 from torch.nn.parallel import DistributedDataParallel
 
 from recbole_llm.checkpoint import atomic_torch_save, load_checkpoint
+from recbole_llm.faults import with_kill_point
+from recbole_llm.trainer.resume import capture_random_state, restore_random_state, resume_state_path, run_fingerprint
 
 
 def as_plugin_config(config):
@@ -45,6 +49,93 @@ class SafeCheckpointMixin:
             name = [self.saved_model_file]
             torch.distributed.broadcast_object_list(name, src=0)
             self.saved_model_file = name[0]
+        self.resume_state_file = resume_state_path(config)
+        self._write_resume_state = False
+        self._pending_random_state = None
+
+    # ------------------------------------------------------------------------------ resumable training
+    def _is_main_rank(self):
+        return self.config["single_spec"] or self.config["local_rank"] == 0
+
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        # Without saved checkpoints (e.g. tuning trials) there is nothing to resume from.
+        self._write_resume_state = saved and self._is_main_rank()
+        result = self._fit(train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress,
+                           callback_fn=callback_fn)
+        if self._write_resume_state and os.path.exists(self.resume_state_file):
+            os.remove(self.resume_state_file)  # finished: a rerun starts a new run
+        return result
+
+    def _fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        """The training loop (RecBole's); trainers with their own loop override this, not ``fit``."""
+        return super().fit(train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress,
+                           callback_fn=callback_fn)
+
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        self._begin_epoch(train_data, epoch_idx)
+        loss_func = with_kill_point(loss_func or self.model.calculate_loss, "train_batch")
+        return super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
+
+    def _begin_epoch(self, train_data, epoch_idx):
+        """Restore a resumed run's random state; then record the state this epoch starts from, so that a run
+        killed during the epoch (or its validation) can redo it exactly."""
+        if self._pending_random_state is not None:
+            restore_random_state(self._pending_random_state, train_data)
+            self._pending_random_state = None
+        if self._write_resume_state:
+            atomic_torch_save(self._resume_state(train_data, epoch_idx), self.resume_state_file)
+
+    def _resume_state(self, train_data, epoch_idx):
+        return {
+            "fingerprint": run_fingerprint(self.config),
+            "start_epoch": epoch_idx,
+            "cur_step": self.cur_step,
+            "best_valid_score": self.best_valid_score,
+            "best_valid_result": self.best_valid_result,
+            "saved_model_file": self.saved_model_file,
+            "state_dict": self.model.state_dict(),
+            "other_parameter": self.model.other_parameter(),
+            "optimizer": self.optimizer.state_dict(),
+            "train_loss_dict": dict(self.train_loss_dict),
+            "random": capture_random_state(train_data),
+            "extra": self._resume_extra(),
+        }
+
+    def _resume_extra(self):
+        """Trainer-specific state for the resume file (weights_only-loadable values)."""
+        return None
+
+    def _load_resume_extra(self, extra):
+        pass
+
+    def resume_interrupted_run(self):
+        """Continue the run that left this config's resume-state file; returns False when there is none."""
+        path = self.resume_state_file
+        if not os.path.isfile(path):
+            self.logger.info(f"No interrupted run to resume ({path} does not exist): starting from epoch 0")
+            return False
+        state = load_checkpoint(path, map_location=self.device)
+        if state.get("fingerprint") != run_fingerprint(self.config):
+            raise RuntimeError(f"Resume state '{path}' was written for a different config; delete it to start over.")
+        self.model.load_state_dict(state["state_dict"])
+        self.model.load_other_parameter(state.get("other_parameter"))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.start_epoch = state["start_epoch"]
+        self.cur_step = state["cur_step"]
+        self.best_valid_score = state["best_valid_score"]
+        self.best_valid_result = state["best_valid_result"]
+        self.train_loss_dict.update(state["train_loss_dict"])
+        if os.path.isfile(state["saved_model_file"]):
+            self.saved_model_file = state["saved_model_file"]  # keep improving (and finally load) that file
+        self._pending_random_state = state["random"]
+        self._load_resume_extra(state.get("extra"))
+        self.logger.info(f"Resuming the interrupted run from the start of epoch {self.start_epoch} ({path})")
+        return True
+
+    def warn_if_interrupted_run(self):
+        if os.path.isfile(self.resume_state_file):
+            self.logger.warning(f"An interrupted run with this config left {self.resume_state_file}; this run "
+                                "starts over (pass --resume=True to continue that run instead)")
 
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         if load_best_model and not self.config["single_spec"]:

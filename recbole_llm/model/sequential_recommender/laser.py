@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from recbole_llm.config import apply_plugin_defaults
 from recbole_llm.data.item_text import item_texts
+from recbole_llm.faults import kill_point
 from recbole_llm.llm.encode import hidden_states_from_embeds, last_hidden_from_embeds
 from recbole_llm.llm.loader import hidden_size, input_embeddings, load_causal_lm
 from recbole_llm.model.frozen_sr import load_frozen_sr
@@ -53,6 +54,11 @@ logger = logging.getLogger(__name__)
 
 class Laser(SequentialRecommender):
     input_type = InputType.POINTWISE
+
+    @classmethod
+    def run_inputs(cls, config):
+        """What a run loads besides the atomic files (checked by recbole_llm.preflight before anything is written)."""
+        return {"item_text", "llm"}
 
     def __init__(self, config, dataset):
         apply_plugin_defaults(config, "Laser")  # stock RecBole Config does not know the plugin YAML
@@ -227,6 +233,7 @@ class Laser(SequentialRecommender):
         matrix = torch.zeros(self.n_items, self.llm_size, device=self.device)
         batches = [items[i:i + self.encode_batch_size] for i in range(0, len(items), self.encode_batch_size)]
         for batch in tqdm(batches, desc=set_color("Item embeddings", "pink"), disable=not show_progress, ncols=100):
+            kill_point("item_refresh_batch")
             index = torch.tensor(batch, dtype=torch.long, device=self.device)
             matrix[index] = F.normalize(self.encode_items(index), dim=-1)
         self.item_matrix = matrix

@@ -33,7 +33,7 @@ from recbole.model.sequential_recommender.caser import Caser
 from recbole.model.sequential_recommender.lightsans import LightSANs
 from recbole.model.sequential_recommender.sasrec import SASRec
 
-from recbole_llm.config import apply_plugin_defaults
+from recbole_llm.config import apply_plugin_defaults, config_get
 from recbole_llm.model.sequential_recommender.paup import PAUP
 
 
@@ -87,6 +87,23 @@ class SeRALMMixin:
     # Always CE (a softmax over all items). Declared so that RecBole's own Config, which does not read the
     # plugin YAML, accepts the model without a loss_type key.
     input_type = InputType.POINTWISE
+
+    @classmethod
+    def run_inputs(cls, config):
+        """What a run loads besides the atomic files (checked by recbole_llm.preflight before anything is written):
+        item text + encoder for any knowledge source but ``checkpoint``, the LLM to generate or align it, Ray
+        for the asynchronous generator."""
+        source = config["knowledge_source"]
+        needs = {"item_text", "encoder"} if source in ("llm", "item_text") else set()
+        if source == "llm":
+            needs.add("llm")
+        if config["train_text_encoder"]:
+            needs.add("encoder")
+        if config_get(config, "alignment", False):  # read by the AlignmentTrainer
+            needs |= {"item_text", "llm"}
+            if config_get(config, "generator_mode", "sync") == "ray":
+                needs.add("ray")
+        return needs
 
     def __init__(self, config, dataset):
         apply_plugin_defaults(config, type(self).__name__)  # stock RecBole Config does not know the plugin YAML

@@ -1,0 +1,64 @@
+"""The resume-state file of a run: everything needed to continue an interrupted training exactly.
+
+RecBole saves a checkpoint only when validation improves and restores no random state, so a resumed run
+repeats or skips work and draws different batches. Here the trainer writes, at the start of every epoch,
+``<checkpoint_dir>/<model>-<dataset>-<fingerprint>.resume.pth`` holding the weights, optimizer, early-stopping
+state, the path of the best checkpoint so far, and the random state (torch, numpy, python, and the train
+loader's shuffling generator). ``--resume=True`` continues from it; on CPU the continued run then ends with
+the same metrics as an uninterrupted one. The file is removed when training finishes.
+"""
+
+import hashlib
+import os
+import random
+
+import numpy as np
+import torch
+
+# Keys that change how a run is executed or reported but not what it computes.
+RUNTIME_KEYS = {
+    "resume", "resume_checkpoint", "local_rank", "device", "gpu_id", "use_gpu", "show_progress", "state",
+    "checkpoint_dir", "log_wandb", "wandb_project", "trust_pickled_checkpoint", "worker", "nproc", "ip", "port",
+    "world_size", "offset", "single_spec", "config_files", "profile",
+}
+
+
+def run_fingerprint(config):
+    """Digest of every config value that affects the result (the file name of the resume state)."""
+    items = sorted((k, repr(v)) for k, v in config.final_config_dict.items() if k not in RUNTIME_KEYS)
+    return hashlib.sha256(repr(items).encode()).hexdigest()[:12]
+
+
+def resume_state_path(config):
+    name = f"{config['model']}-{config['dataset']}-{run_fingerprint(config)}.resume.pth"
+    return os.path.join(config["checkpoint_dir"], name)
+
+
+def capture_random_state(train_data=None):
+    """Random state as tensors and plain values (loads with ``weights_only=True``)."""
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": (np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss),
+                  float(np_gauss)),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "loader": None,
+    }
+    generator = getattr(train_data, "generator", None)
+    if isinstance(generator, torch.Generator):
+        state["loader"] = generator.get_state()
+    return state
+
+
+def restore_random_state(state, train_data=None):
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator = getattr(train_data, "generator", None)
+    if state.get("loader") is not None and isinstance(generator, torch.Generator):
+        generator.set_state(state["loader"])
