@@ -13,10 +13,10 @@ import os
 import socket
 
 from recbole_llm.config import config_get
+from recbole_llm.data.item_text import pick_title_field
 from recbole_llm.errors import ConfigError, DataNotFoundError, UserInputError
 
 FEATURE_TYPES = ("token", "token_seq", "float", "float_seq")
-TITLE_FIELD_NAMES = ("title", "movie_title", "name", "item_name")  # same names as data/item_text.py
 ROWS_CHECKED = 1000  # rows read per file for the column-count and number checks (the rest: RecBole's reader)
 
 
@@ -132,13 +132,9 @@ def check_title_field(config, item_fields):
     load_col = (config["load_col"] or {}).get("item")
     if isinstance(load_col, (list, tuple)):
         present = [f for f in present if f in load_col]
-    configured = config_get(config, "item_text_fields")
-    if configured and configured[0] in present:
-        return configured[0]
-    for name in TITLE_FIELD_NAMES:
-        if name in present:
-            return name
-    expected = ([configured[0]] if configured else []) + list(TITLE_FIELD_NAMES)
+    title, expected = pick_title_field(present, config_get(config, "item_text_fields"))
+    if title:
+        return title
     raise DataFileError(
         f"Model {config['model']} builds item text, but '{_atomic_path(config, 'item')}' has no title-like field "
         f"(looked for {expected}; fields loaded: {present or 'none'}). Add a title column or set item_text_fields "

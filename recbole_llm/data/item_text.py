@@ -39,16 +39,19 @@ def item_fields(dataset):
     return [field for field in dataset.item_feat.columns if field != dataset.iid_field]
 
 
+def pick_title_field(present, configured):
+    """(title field or None, the names looked for): ``configured[0]`` (``item_text_fields``) when present,
+    else the first common title name present."""
+    expected = ([configured[0]] if configured else []) + list(TITLE_FIELD_NAMES)
+    return next((name for name in expected if name in present), None), expected
+
+
 def find_title_field(dataset):
     """The field holding item titles: ``item_text_fields[0]`` when configured and present, else a common name."""
     present = item_fields(dataset)
-    configured = config_get(dataset.config, "item_text_fields")
-    if configured and configured[0] in present:
-        return configured[0]
-    for name in TITLE_FIELD_NAMES:
-        if name in present:
-            return name
-    expected = ([configured[0]] if configured else []) + list(TITLE_FIELD_NAMES)
+    title, expected = pick_title_field(present, config_get(dataset.config, "item_text_fields"))
+    if title:
+        return title
     raise ValueError(
         f"dataset '{dataset.dataset_name}' has no title-like item field (looked for {expected}); item fields "
         f"loaded: {present or 'none (is there a .item file, and is it in load_col?)'}. Set item_text_fields "
