@@ -27,9 +27,11 @@ class DataFileError(UserInputError, ValueError):
 def check_run_inputs(config):
     """Every check that applies to ``config``'s model; raises on the first problem."""
     needs = run_inputs(config)
-    headers = check_atomic_files(config, need_item_file="item_text" in needs)
-    if "item_text" in needs:
-        check_title_field(config, headers.get("item"))
+    if config["benchmark_filename"] or os.path.isfile(_atomic_path(config, "inter")):
+        headers = check_atomic_files(config, need_item_file="item_text" in needs)
+        if "item_text" in needs:
+            check_title_field(config, headers.get("item"))
+    # else: a dataset RecBole downloads itself (check_dataset_available refused any other missing one)
     if "llm" in needs:
         check_llm_path(config_get(config, "llm_path"))
     if "encoder" in needs:

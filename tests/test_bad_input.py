@@ -244,3 +244,14 @@ def test_damaged_checkpoint_is_a_clear_error(tmp_path):
         f.truncate(os.path.getsize(path) // 2)
     with pytest.raises(CorruptFileError, match="cannot be read"):
         load_checkpoint(path)
+
+
+def test_a_dataset_recbole_downloads_itself_is_left_to_recbole(tmp_path):
+    from recbole_llm.config import Config
+    from recbole_llm.data.locate import check_dataset_available
+    from recbole_llm.preflight import check_run_inputs
+
+    config = Config("SASRec", "ml-1m", config_dict={"data_path": str(tmp_path)}, cmd_args=[])
+    check_dataset_available(config)  # ml-1m is in RecBole's url.yaml: RecBole fetches it at create_dataset
+    check_run_inputs(config)
+    assert os.listdir(tmp_path) == []
