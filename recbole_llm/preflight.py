@@ -179,8 +179,7 @@ def check_encoder_path(path, expected_dim=None):
         config = loader._load_config(path, "Encoder", expected)
     except ValueError as err:
         raise ConfigError(f"encoder_path: {err}") from None
-    if getattr(config, "is_encoder_decoder", False) or (
-            config.model_type not in loader._ENCODER_MODEL_TYPES and loader._is_decoder_llm(config)):
+    if loader.is_generative(config):
         raise ConfigError(f"encoder_path {path!r} holds a {config.model_type!r} generative model; expected {expected}.")
     width = getattr(config, "hidden_size", None)
     if expected_dim and width and int(expected_dim) != int(width):

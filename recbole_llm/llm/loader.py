@@ -217,6 +217,12 @@ def _is_decoder_llm(config):
     return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 
+def is_generative(config):
+    """True for decoder-only and encoder-decoder models: not a sentence encoder for mean pooling."""
+    return getattr(config, "is_encoder_decoder", False) or (
+        config.model_type not in _ENCODER_MODEL_TYPES and _is_decoder_llm(config))
+
+
 @contextlib.contextmanager
 def _quiet_transformers(active=True):
     from transformers.utils import logging as hf_logging
@@ -307,9 +313,7 @@ def load_text_encoder(path=None, device=None, dtype="auto"):
     path = bundled_encoder_dir() if path is None else _check_model_path(path, "Encoder")
     expected = "a local HF text-encoder directory (e.g. BERT/MiniLM: config.json + weights + tokenizer)"
     config = _load_config(path, "Encoder", expected)
-    if getattr(config, "is_encoder_decoder", False) or (
-        config.model_type not in _ENCODER_MODEL_TYPES and _is_decoder_llm(config)
-    ):
+    if is_generative(config):
         raise ValueError(f"Encoder path {path!r} holds a {config.model_type!r} generative model; expected {expected}.")
     model = AutoModel.from_pretrained(path, config=config, dtype=dtype, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -86,16 +86,12 @@ class SafeCheckpointMixin:
             atomic_torch_save(self._resume_state(train_data, epoch_idx), self.resume_state_file)
 
     def _resume_state(self, train_data, epoch_idx):
+        """A checkpoint of the finished epochs (``epoch_idx - 1``) plus what an exact continuation needs."""
         return {
+            **self._checkpoint_state(epoch_idx - 1),
             "fingerprint": run_fingerprint(self.config),
-            "start_epoch": epoch_idx,
-            "cur_step": self.cur_step,
-            "best_valid_score": self.best_valid_score,
             "best_valid_result": self.best_valid_result,
             "saved_model_file": self.saved_model_file,
-            "state_dict": self.model.state_dict(),
-            "other_parameter": self.model.other_parameter(),
-            "optimizer": self.optimizer.state_dict(),
             "train_loss_dict": dict(self.train_loss_dict),
             "random": capture_random_state(train_data),
             "extra": self._resume_extra(),
@@ -117,12 +113,7 @@ class SafeCheckpointMixin:
         state = load_checkpoint(path, map_location=self.device)
         if state.get("fingerprint") != run_fingerprint(self.config):
             raise RuntimeError(f"Resume state '{path}' was written for a different config; delete it to start over.")
-        self.model.load_state_dict(state["state_dict"])
-        self.model.load_other_parameter(state.get("other_parameter"))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.start_epoch = state["start_epoch"]
-        self.cur_step = state["cur_step"]
-        self.best_valid_score = state["best_valid_score"]
+        self._restore_training_state(state)
         self.best_valid_result = state["best_valid_result"]
         self.train_loss_dict.update(state["train_loss_dict"])
         if os.path.isfile(state["saved_model_file"]):
@@ -166,19 +157,24 @@ class SafeCheckpointMixin:
         trust = bool(self.config["trust_pickled_checkpoint"]) if "trust_pickled_checkpoint" in self.config else False
         return load_checkpoint(path, map_location=self.device, trust_pickled_code=trust)
 
-    def resume_checkpoint(self, resume_file):
-        checkpoint = self._load_checkpoint_file(resume_file)
+    def _restore_training_state(self, checkpoint):
+        """Weights, optimizer and early-stopping state of a ``_checkpoint_state`` dict; training continues
+        with the epoch after the one it was saved at."""
         self.start_epoch = checkpoint["epoch"] + 1
         self.cur_step = checkpoint["cur_step"]
         self.best_valid_score = checkpoint["best_valid_score"]
+        self.model.load_state_dict(checkpoint["state_dict"])
+        self.model.load_other_parameter(checkpoint.get("other_parameter"))
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+
+    def resume_checkpoint(self, resume_file):
+        checkpoint = self._load_checkpoint_file(resume_file)
         if checkpoint["config"]["model"].lower() != self.config["model"].lower():
             self.logger.warning(
                 "Architecture configuration given in config file is different from that of checkpoint. "
                 "This may yield an exception while state_dict is being loaded."
             )
-        self.model.load_state_dict(checkpoint["state_dict"])
-        self.model.load_other_parameter(checkpoint.get("other_parameter"))
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self._restore_training_state(checkpoint)
         self.logger.info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")
 
 
