@@ -91,15 +91,22 @@ def variants(mode):
     return out
 
 
-def select(all_variants, names):
-    """Variants named by model name (all its variants) or by variant id; unknown names are an error."""
-    if not names:
+def select(all_variants, names, ids=None):
+    """Variants named by model name (all its variants) or variant id in ``names``, plus those whose id is exactly
+    in ``ids`` (``--variants``: "Laser" there is the plain Laser row only, not its ablations); unknown names are an
+    error."""
+    if not names and not ids:
         return all_variants
-    known = {v.id for v in all_variants} | {v.model for v in all_variants}
+    names, ids = names or [], ids or []
+    known_ids = {v.id for v in all_variants}
+    known = known_ids | {v.model for v in all_variants}
     unknown = [n for n in names if n not in known]
     if unknown:
         raise SystemExit(f"error: unknown --models {unknown}; choose from {sorted(known)}")
-    return [v for v in all_variants if v.id in names or v.model in names]
+    unknown = [n for n in ids if n not in known_ids]
+    if unknown:
+        raise SystemExit(f"error: unknown --variants {unknown}; choose from {sorted(known_ids)}")
+    return [v for v in all_variants if v.id in names or v.model in names or v.id in ids]
 
 
 def config_digest(config_dict):
@@ -108,8 +115,8 @@ def config_digest(config_dict):
 
 def plan(args, mode):
     """The (dataset, variant, seed, config_dict) runs of this invocation, seed-major so a partial run covers models."""
-    if args.models:
-        chosen = select(variants(mode), args.models)
+    if args.models or args.variants:
+        chosen = select(variants(mode), args.models, args.variants)
     elif mode.startswith("quick"):
         chosen = [v for v in variants(mode) if v.id in QUICK_MODELS]
     else:
@@ -381,6 +388,8 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 1 2 3 (quick: 1)")
     parser.add_argument("--models", nargs="+", default=None,
                         help="model names (all their variants) or variant ids; see --list")
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help="variant ids, matched exactly (--variants Laser: Laser without its ablations)")
     parser.add_argument("--quick", action="store_true", help="quick mode: < 10 min on 2 cores")
     parser.add_argument("--gpu", action="store_true", help='the papers\' sizes (profile "paper"); for a CUDA GPU')
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",

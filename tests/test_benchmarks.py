@@ -104,6 +104,9 @@ def test_variants_and_selection():
         assert {k: cpu[f"{base}SeRALM-NA"].overrides[k] for k in quality.CPU_TRAIN} == same
     assert {v.id for v in quality.select(quality.variants("cpu"), ["Laser"])} == {
         "Laser", "Laser-no_mformer", "Laser-no_prefix", "Laser-no_stage1"}
+    assert [v.id for v in quality.select(quality.variants("cpu"), None, ["Laser"])] == ["Laser"]
+    with pytest.raises(SystemExit, match="unknown --variants"):
+        quality.select(quality.variants("cpu"), None, ["SASRecSeRALM"])
     with pytest.raises(SystemExit, match="unknown --models"):
         quality.select(quality.variants("cpu"), ["NoSuchModel"])
     assert speed.model_overrides("PAUPSeRALM", "quick")["knowledge_source"] == "item_text"
