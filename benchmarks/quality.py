@@ -326,7 +326,7 @@ def settings_notes(mode, selected, profile, extra=None):
             continue
         seen.add(variant.id)
         overrides = {k: v for k, v in variant.overrides.items()}
-        notes.append(f"- {variant.label} (`--models {variant.id}`): overrides `{json.dumps(overrides)}`")
+        notes.append(f"- {variant.label} (`--variants {variant.id}`): overrides `{json.dumps(overrides)}`")
     return notes
 
 
