@@ -100,12 +100,10 @@ def select(all_variants, names, ids=None):
     names, ids = names or [], ids or []
     known_ids = {v.id for v in all_variants}
     known = known_ids | {v.model for v in all_variants}
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise SystemExit(f"error: unknown --models {unknown}; choose from {sorted(known)}")
-    unknown = [n for n in ids if n not in known_ids]
-    if unknown:
-        raise SystemExit(f"error: unknown --variants {unknown}; choose from {sorted(known_ids)}")
+    for flag, given, allowed in (("--models", names, known), ("--variants", ids, known_ids)):
+        unknown = [n for n in given if n not in allowed]
+        if unknown:
+            raise SystemExit(f"error: unknown {flag} {unknown}; choose from {sorted(allowed)}")
     return [v for v in all_variants if v.id in names or v.model in names or v.id in ids]
 
 
