@@ -100,6 +100,33 @@ def test_frozen_sr_states_cache_and_state_dict(built, root, monkeypatch):
     H.build(root, n_experts=2)
 
 
+def test_frozen_bert4rec_training_survives_a_batch_without_masked_items(built):
+    # RecBole's BERT4Rec divides by the number of masked targets: a batch with none gives NaN and stops training
+    from recbole.data import create_dataset, data_preparation
+    from recbole.model.sequential_recommender import BERT4Rec
+
+    from recbole_llm.model.frozen_sr import _build_sr_config, trainable_sr_class
+
+    sr_config = _build_sr_config(built[0])
+    train_data, _, _ = data_preparation(sr_config, create_dataset(sr_config))
+    batch = H.first_batch(train_data)
+    from recbole.data.interaction import Interaction
+
+    H.seeded(0)
+    stock = BERT4Rec(sr_config, train_data._dataset).eval()  # eval: no dropout, so the two losses compare
+    H.seeded(0)
+    guarded = trainable_sr_class("BERT4Rec")(sr_config, train_data._dataset).eval()
+    assert isinstance(guarded, BERT4Rec)
+    assert torch.equal(stock.calculate_loss(batch), guarded.calculate_loss(batch))  # normal batches: unchanged
+    no_target = (stock.MASK_INDEX, stock.POS_ITEMS, stock.NEG_ITEMS)
+    empty = Interaction({k: torch.zeros_like(v) if k in no_target else v for k, v in batch.interaction.items()})
+    assert torch.isnan(stock.calculate_loss(empty))
+    loss = guarded.calculate_loss(empty)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert all(p.grad is None or not p.grad.isnan().any() for p in guarded.parameters())
+
+
 def test_text_template_pieces(built):
     _, model, _, _, _ = built
     seq, length = torch.tensor([[3, 5, 0, 0, 0]]), torch.tensor([2])

@@ -8,6 +8,7 @@ written atomically and read with ``recbole_llm.checkpoint.load_checkpoint`` (wei
 """
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -118,18 +119,42 @@ def _build_sr_config(config):
                   config_dict=sr_config_dict(config), cmd_args=[])
 
 
+@functools.lru_cache(maxsize=None)
+def trainable_sr_class(name):
+    """The RecBole model class used to train the SR here; for BERT4Rec a subclass that survives empty batches.
+
+    RecBole's BERT4Rec masks each item with probability mask_ratio and never counts position 0 as a target, so a
+    small batch (an epoch's last one, short histories) can have no target at all; its CE loss is then 0/0 = NaN and
+    RecBole's trainer stops with "Training loss is nan" (seen on amazon-scientific, paper profile, a 5-row last
+    batch). Such a batch carries no signal: it gets a zero loss. The weights are BERT4Rec's, saved as BERT4Rec.
+    """
+    from recbole_llm.utils import get_model
+
+    base = get_model(name)
+    if name != "BERT4Rec":
+        return base
+
+    class BERT4RecSkippingEmptyBatches(base):
+        def calculate_loss(self, interaction):
+            if not bool((interaction[self.MASK_INDEX] > 0).any()):
+                return self.item_embedding.weight.sum() * 0.0  # zero, but part of the graph: backward() works
+            return super().calculate_loss(interaction)
+
+    return BERT4RecSkippingEmptyBatches
+
+
 def train_frozen_sr(sr_config, path, show_progress=False):
     """Train the SR with RecBole's model + trainer on the same data/split; save its best weights to ``path``."""
     from recbole.data import create_dataset, data_preparation
     from recbole.utils import init_seed
 
-    from recbole_llm.utils import get_model, get_trainer
+    from recbole_llm.utils import get_trainer
 
     init_seed(sr_config["seed"], sr_config["reproducibility"])
     dataset = create_dataset(sr_config)
     train_data, valid_data, _ = data_preparation(sr_config, dataset)
     init_seed(sr_config["seed"], sr_config["reproducibility"])
-    model = get_model(sr_config["model"])(sr_config, train_data._dataset).to(sr_config["device"])
+    model = trainable_sr_class(sr_config["model"])(sr_config, train_data._dataset).to(sr_config["device"])
     trainer = get_trainer(sr_config["MODEL_TYPE"], sr_config["model"])(sr_config, model)
     trainer.saved_model_file = path + ".best.tmp"
     try:
