@@ -62,6 +62,20 @@ def test_cuda_requested_without_cuda_is_a_clear_error():
         load_text_encoder(device="cuda")
 
 
+def test_backpropagated_llm_passes_avoid_cudnn_attention_on_cuda():
+    # cuDNN attention's backward gives NaN for fully masked (left-padded) rows on H100/H200: training passes skip it
+    flags = torch.backends.cuda
+    assert flags.cudnn_sdp_enabled()
+    with loader.sdpa_for_backward("cuda"):
+        assert not flags.cudnn_sdp_enabled()
+        assert flags.mem_efficient_sdp_enabled() and flags.flash_sdp_enabled() and flags.math_sdp_enabled()
+    assert flags.cudnn_sdp_enabled()
+    with torch.no_grad(), loader.sdpa_for_backward("cuda"):  # forward-only passes keep the default choice
+        assert flags.cudnn_sdp_enabled()
+    with loader.sdpa_for_backward("cpu"):
+        assert flags.cudnn_sdp_enabled()
+
+
 def test_default_dtype():
     assert default_dtype("cpu") == torch.float32
     assert default_dtype(torch.device("cpu"), "bfloat16") == torch.bfloat16

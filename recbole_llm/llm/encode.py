@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from recbole_llm.llm.loader import backbone_of, hidden_size, input_embeddings
+from recbole_llm.llm.loader import backbone_of, hidden_size, input_embeddings, sdpa_for_backward
 
 
 def backbone(model):
@@ -28,12 +28,13 @@ def hidden_states_from_embeds(model, inputs_embeds, attention_mask):
     Autograd flows to ``inputs_embeds`` (prefix/suffix tuning); the frozen weights get no gradient.
     """
     attention_mask = attention_mask.to(inputs_embeds.device)
-    out = backbone(model)(
-        inputs_embeds=inputs_embeds,
-        attention_mask=attention_mask,
-        position_ids=positions_from_mask(attention_mask),
-        use_cache=False,
-    )
+    with sdpa_for_backward(inputs_embeds.device):
+        out = backbone(model)(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=positions_from_mask(attention_mask),
+            use_cache=False,
+        )
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 

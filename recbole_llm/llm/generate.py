@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from recbole_llm.llm.encode import positions_from_mask
+from recbole_llm.llm.loader import sdpa_for_backward
 
 
 def build_chat_prompts(tokenizer, user_messages, system=None):
@@ -130,8 +131,9 @@ def sequence_logprobs(model, prompt_ids_list, gen_ids_list, batch_size=8, pad_to
                 mask[row, width - len(seq):] = 1
             ids, mask = ids.to(device), mask.to(device)
             keep = max(len(g) for g in gens) + 1
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
-                           use_cache=False, logits_to_keep=keep).logits
+            with sdpa_for_backward(device):
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
+                               use_cache=False, logits_to_keep=keep).logits
             for row, gen in enumerate(gens):
                 n = len(gen)
                 # kept position k holds the logits at sequence position width-keep+k; token at position p

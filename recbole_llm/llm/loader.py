@@ -65,6 +65,24 @@ def default_dtype(device, value="auto"):
     return _DTYPES[value]
 
 
+def sdpa_for_backward(device):
+    """Context for an LLM forward that will be backpropagated: on CUDA, attention without the cuDNN backend.
+
+    torch >= 2.11 picks cuDNN attention on H100/H200, whose backward returns NaN in grad_q when an attention
+    mask is passed and a query row has all its keys masked (pytorch/pytorch#196678). Left padding gives every
+    padded position such a row, so Laser's prefix/suffix training and SeRALM's LoRA alignment got NaN on an H200
+    (ScaledDotProductCudnnAttentionBackward0). Flash, memory-efficient and math attention are exact there.
+    Forward-only passes (item refresh, evaluation, generation) keep the default choice.
+    """
+    if torch.device(device).type != "cuda" or not torch.is_grad_enabled():
+        return contextlib.nullcontext()
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3 has no cuDNN attention backend to avoid
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 # ------------------------------------------------------------------------------------- bundled models
 def _package_file(package, version, suffix):
     try:
