@@ -268,6 +268,18 @@ def parse_overrides(items):
     return out
 
 
+def standin_warning(overrides):
+    """A Markdown line when --set points a model path at random-weight stand-ins (benchmarks/standin_models.py),
+    so no table made with them can pass for real-model numbers; "" otherwise."""
+    paths = [str(v) for k, v in overrides.items()
+             if k in ("llm_path", "encoder_path") and v and os.path.isfile(os.path.join(str(v), "STANDIN.json"))]
+    if not paths:
+        return ""
+    return (f"**Stand-in models with random weights** ({', '.join(paths)}; benchmarks/standin_models.py): same "
+            "shapes as the bundled models, so times are comparable; generated texts, metrics and knowledge mean "
+            "nothing, and generation always runs to max_new_tokens (no EOS).")
+
+
 def notes_section(path):
     """A hand-written analysis kept beside the generated table (``<table>-notes.md``), appended to it, so that
     regenerating the table does not lose it."""

@@ -393,13 +393,14 @@ def _mem(r):
     return f"{r['peak_rss_mib']:.0f}" + (f" / {cuda:.0f}" if cuda is not None else "")
 
 
-def render(results, mode, env, command, started, finished, loads, dataset):
+def render(results, mode, env, command, started, finished, loads, dataset, standins=""):
     mem_header = "peak RSS (MiB)" + (" / CUDA peak" if env["gpu"] != "none" else "")
     out = [f"# Speed benchmark ({mode}, {dataset})", "",
-           common.environment_markdown(env, command, started, finished, loads), "",
-           "Median over repeats (min in brackets), warm-up excluded; each row ran in its own process, whose peak "
-           "resident memory is given. The load average is the machine's (other work on it slows every number).",
-           ""]
+           common.environment_markdown(env, command, started, finished, loads), ""]
+    out += [standins, ""] if standins else []
+    out += ["Median over repeats (min in brackets), warm-up excluded; each row ran in its own process, whose peak "
+            "resident memory is given. The load average is the machine's (other work on it slows every number).",
+            ""]
     ok = {k: v for k, v in results.items() if v.get("status") == "ok"}
     if "refresh" in ok:
         r = ok["refresh"]
@@ -487,7 +488,8 @@ def main(argv=None):
     loads.append(common.load_average())
     common.write_json(os.path.join(args.results_dir, f"speed-{mode}.json"), results)
     md_path = os.path.join(args.results_dir, f"speed-{mode}.md")
-    text = render(results, mode, env, common.command_line(), started, common.now_utc(), loads, args.dataset)
+    text = render(results, mode, env, common.command_line(), started, common.now_utc(), loads, args.dataset,
+                  common.standin_warning(common.parse_overrides(args.set)))
     text += common.notes_section(os.path.join(args.results_dir, f"speed-{mode}-notes.md"))
     common.write_text(md_path, text)
     print(f"table: {md_path}")
