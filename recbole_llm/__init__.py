@@ -13,9 +13,8 @@ def _register():
     import sys
 
     import recbole.trainer
-    import torch
 
-    _import_recbole_models_without_anomaly_mode(torch, sys)
+    _import_recbole_models_without_anomaly_mode()
 
     from recbole_llm.checkpoint import register_safe_globals
     from recbole_llm.registry import PLUGIN_MODELS, PLUGIN_TRAINERS
@@ -30,11 +29,15 @@ def _register():
         setattr(recbole.trainer, f"{name}Trainer", getattr(importlib.import_module(module_path), cls))
 
 
-def _import_recbole_models_without_anomaly_mode(torch, sys):
+def _import_recbole_models_without_anomaly_mode():
     """Import RecBole's sequential models, undoing one import side effect: recbole 1.2.1's sine.py calls
     ``torch.autograd.set_detect_anomaly(True)`` at import time, which switches anomaly detection on for the whole
     process (every model, every backward pass: slower everywhere, and on CUDA a NaN check per op). Only the flag is
     restored, and only when this import is what ran sine.py; a user who wants anomaly mode can still turn it on."""
+    import sys
+
+    import torch
+
     if "recbole.model.sequential_recommender.sine" in sys.modules:
         return
     before = torch.is_anomaly_enabled()

@@ -103,6 +103,7 @@ def test_frozen_sr_states_cache_and_state_dict(built, root, monkeypatch):
 def test_frozen_bert4rec_training_survives_a_batch_without_masked_items(built):
     # RecBole's BERT4Rec divides by the number of masked targets: a batch with none gives NaN and stops training
     from recbole.data import create_dataset, data_preparation
+    from recbole.data.interaction import Interaction
     from recbole.model.sequential_recommender import BERT4Rec
 
     from recbole_llm.model.frozen_sr import _build_sr_config, trainable_sr_class
@@ -110,8 +111,6 @@ def test_frozen_bert4rec_training_survives_a_batch_without_masked_items(built):
     sr_config = _build_sr_config(built[0])
     train_data, _, _ = data_preparation(sr_config, create_dataset(sr_config))
     batch = H.first_batch(train_data)
-    from recbole.data.interaction import Interaction
-
     H.seeded(0)
     stock = BERT4Rec(sr_config, train_data._dataset).eval()  # eval: no dropout, so the two losses compare
     H.seeded(0)
