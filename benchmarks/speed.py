@@ -356,7 +356,9 @@ def jobs(args, mode):
     return out
 
 
-def run_jobs(args, mode):
+def run_jobs(args, mode, on_result=None):
+    """Run each job in its own child; ``on_result(results)`` after each, so a kill from outside (a device's time
+    limit) still leaves the table of the jobs that finished."""
     results = {}
     for index, (name, spec) in enumerate(jobs(args, mode), 1):
         slug = name.replace(":", "-")
@@ -381,6 +383,8 @@ def run_jobs(args, mode):
             record.update(status="failed", returncode=rc, error=common.log_tail(log_path))
             print(f"FAILED (exit {rc}; log {log_path})", flush=True)
         results[name] = record
+        if on_result:
+            on_result(results)
     return results
 
 
@@ -484,14 +488,20 @@ def main(argv=None):
         return child_main(args.child)
     env = common.environment()
     started, loads = common.now_utc(), [common.load_average()]
-    results = run_jobs(args, mode)
-    loads.append(common.load_average())
-    common.write_json(os.path.join(args.results_dir, f"speed-{mode}.json"), results)
     md_path = os.path.join(args.results_dir, f"speed-{mode}.md")
-    text = render(results, mode, env, common.command_line(), started, common.now_utc(), loads, args.dataset,
-                  common.standin_warning(common.parse_overrides(args.set)))
-    text += common.notes_section(os.path.join(args.results_dir, f"speed-{mode}-notes.md"))
-    common.write_text(md_path, text)
+
+    def write(results, final=False):
+        ends = loads + [common.load_average()]
+        common.write_json(os.path.join(args.results_dir, f"speed-{mode}.json"), results)
+        text = render(results, mode, env, common.command_line(), started, common.now_utc(), ends, args.dataset,
+                      common.standin_warning(common.parse_overrides(args.set)))
+        if not final:
+            text += f"\n**Partial: {len(results)} of the planned jobs have finished so far.**\n"
+        text += common.notes_section(os.path.join(args.results_dir, f"speed-{mode}-notes.md"))
+        common.write_text(md_path, text)
+
+    results = run_jobs(args, mode, on_result=write)
+    write(results, final=True)
     print(f"table: {md_path}")
     return md_path
 

@@ -1,6 +1,7 @@
 """Benchmarks: the quick quality run produces its table through the real code path (one tiny model), resumes
 without rerunning, and the aggregation/claims/plot logic is right on hand-made records."""
 
+import json
 import os
 import subprocess
 import sys
@@ -155,3 +156,32 @@ def test_speed_render_and_jobs(tmp_path):
     spec = dict(speed.jobs(args, mode))["eval:PAUPSeRALM"]
     assert spec["configs"]["PAUPSeRALM"]["knowledge_source"] == "item_text"
     assert {k: spec["configs"]["PAUP"][k] for k in quality.QUICK_TRAIN} == quality.QUICK_TRAIN
+
+
+def test_speed_writes_the_table_after_each_job(tmp_path, monkeypatch):
+    """A kill from outside (a device's time limit) must not lose the jobs that already finished."""
+    row = {"model": "SASRec", "batch_size": 8, "steps": 2, "samples_per_s": 123.0, "median_step_s": 0.1,
+           "trainable_params": 10, "cuda_peak_mib": None}
+    md_path = tmp_path / "res" / "speed-quick.md"
+    seen = []
+
+    def fake_jobs(args, mode):
+        for name in ("train:SASRec", "train:Caser"):
+            yield name, {"work_dir": str(tmp_path / "work")}
+
+    def fake_run_child(argv, log_path, env=None, timeout=None):
+        spec = json.loads(open(argv[-1]).read())
+        if not seen:  # first job finishes
+            common.write_json(spec["result_path"], row)
+        else:  # the second job: the first one's row is already on disk
+            seen.append(md_path.read_text())
+            raise KeyboardInterrupt  # what a kill of the parent looks like from here
+        seen.append(None)
+        return 0, 1.0, 100.0
+
+    monkeypatch.setattr(speed, "jobs", fake_jobs)
+    monkeypatch.setattr(common, "run_child", fake_run_child)
+    with pytest.raises(KeyboardInterrupt):
+        speed.main(["--quick", "--results-dir", str(tmp_path / "res"), "--work-dir", str(tmp_path / "work")])
+    text = seen[-1]
+    assert "| SASRec | 8 | 2 | 123.0 |" in text and "Partial: 1 of the planned jobs" in text
