@@ -131,7 +131,12 @@ class Config(RecBoleConfig):
                               "(RecBole then uses the GPU when there is one).")
 
         if "local_rank" not in final or (torch.cuda.is_available() and str(final["gpu_id"]) != ""):
-            return super()._init_device()
+            super()._init_device()
+            # RecBole 1.2 picks CUDA whenever it is there, ignoring ``use_gpu: False`` (which its trainer still
+            # reads) and a user's ``device: cpu``; both mean the CPU here, as its docs say.
+            if final["device"].type == "cuda" and (final.get("use_gpu") is False or asked.startswith("cpu")):
+                final["device"] = torch.device("cpu")
+            return
         # RecBole's DDP set-up is NCCL-only; without CUDA the same run uses gloo on the CPU.
         final["gpu_id"] = ""
         # N processes share the cores; without this each one starts a thread per core and they thrash.

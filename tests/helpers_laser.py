@@ -74,7 +74,7 @@ def build(root, name="tiny-laser", **overrides):
     dataset = create_dataset(config)
     train_data, valid_data, test_data = data_preparation(config, dataset)
     init_seed(config["seed"], config["reproducibility"])
-    model = Laser(config, train_data._dataset)
+    model = Laser(config, train_data._dataset).to(config["device"])  # as RecBole's run does
     return config, model, train_data, valid_data, test_data
 
 

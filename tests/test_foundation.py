@@ -65,6 +65,17 @@ def test_config_ignores_pytest_argv_but_reads_given_args(monkeypatch):
     assert config["hidden_size"] == 48
 
 
+@pytest.mark.parametrize("user, expected", [({}, "cuda"), ({"use_gpu": False}, "cpu"), ({"device": "cpu"}, "cpu"),
+                                            ({"gpu_id": ""}, "cpu")])
+def test_config_device_honours_use_gpu_and_device_on_a_cuda_machine(monkeypatch, user, expected):
+    # RecBole 1.2 alone gives cuda for the first three (found on an H200: tiny-model tests with use_gpu=False
+    # got a CUDA LLM beside a CPU model). Only is_available is faked: Config creates no CUDA tensor.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", ""))  # RecBole sets it
+    config = Config("SASRec", "ml-100k", config_dict=dict(NO_NEG, **user), cmd_args=[])
+    assert config["device"].type == expected
+
+
 def test_numpy_aliases_exist_after_config():
     Config("SASRec", "ml-100k", config_dict=NO_NEG, cmd_args=[])
     assert np.float is np.float64 or np.float is float
