@@ -72,8 +72,23 @@ def test_backpropagated_llm_passes_avoid_cudnn_attention_on_cuda():
     assert flags.cudnn_sdp_enabled()
     with torch.no_grad(), loader.sdpa_for_backward("cuda"):  # forward-only passes keep the default choice
         assert flags.cudnn_sdp_enabled()
+    with torch.no_grad(), loader.sdpa_for_backward("cuda", even_without_grad=True):  # e.g. a KL reference pass
+        assert not flags.cudnn_sdp_enabled()
     with loader.sdpa_for_backward("cpu"):
         assert flags.cudnn_sdp_enabled()
+
+
+def test_sequence_logprobs_uses_the_same_kernels_with_and_without_grad(llm, monkeypatch):
+    # the alignment's KL compares a no-grad reference pass with a backpropagated one: same attention kernels
+    from recbole_llm.llm import generate
+
+    calls = []
+    real = generate.sdpa_for_backward
+    monkeypatch.setattr(generate, "sdpa_for_backward", lambda device, **kw: calls.append(kw) or real(device, **kw))
+    model, _ = llm
+    with torch.no_grad():
+        generate.sequence_logprobs(model, [[1, 2]], [[3]])
+    assert calls and all(kw.get("even_without_grad") for kw in calls)
 
 
 def test_default_dtype():

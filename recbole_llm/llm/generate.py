@@ -131,7 +131,7 @@ def sequence_logprobs(model, prompt_ids_list, gen_ids_list, batch_size=8, pad_to
                 mask[row, width - len(seq):] = 1
             ids, mask = ids.to(device), mask.to(device)
             keep = max(len(g) for g in gens) + 1
-            with sdpa_for_backward(device):
+            with sdpa_for_backward(device, even_without_grad=True):  # policy and reference: same kernels
                 logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
                                use_cache=False, logits_to_keep=keep).logits
             for row, gen in enumerate(gens):

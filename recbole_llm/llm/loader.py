@@ -65,16 +65,19 @@ def default_dtype(device, value="auto"):
     return _DTYPES[value]
 
 
-def sdpa_for_backward(device):
+def sdpa_for_backward(device, even_without_grad=False):
     """Context for an LLM forward that will be backpropagated: on CUDA, attention without the cuDNN backend.
 
     torch >= 2.11 picks cuDNN attention on H100/H200, whose backward returns NaN in grad_q when an attention
     mask is passed and a query row has all its keys masked (pytorch/pytorch#196678). Left padding gives every
     padded position such a row, so Laser's prefix/suffix training and SeRALM's LoRA alignment got NaN on an H200
     (ScaledDotProductCudnnAttentionBackward0). Flash, memory-efficient and math attention are exact there.
-    Forward-only passes (item refresh, evaluation, generation) keep the default choice.
+    Forward-only passes (item refresh, evaluation, generation) keep the default choice, unless
+    ``even_without_grad``: a no-grad pass whose numbers are compared with a backpropagated one (the alignment's
+    reference log-probs) should use the same kernels, else the KL starts at bf16 rounding noise instead of 0
+    (-1.3e-4 on an H200).
     """
-    if torch.device(device).type != "cuda" or not torch.is_grad_enabled():
+    if torch.device(device).type != "cuda" or not (even_without_grad or torch.is_grad_enabled()):
         return contextlib.nullcontext()
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
