@@ -157,7 +157,7 @@ def child_main(spec_path):
     common.write_json(spec["result_path"], {
         "test": {k: float(v) for k, v in result["test_result"].items()},
         "valid": {k: float(v) for k, v in (result["best_valid_result"] or {}).items()},
-        "run_s": elapsed, "cuda_peak_mib": peak_cuda,
+        "run_s": elapsed, "cuda_peak_mib": peak_cuda, "torch_threads": torch.get_num_threads(),
     })
 
 

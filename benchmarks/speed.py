@@ -318,6 +318,9 @@ def child_main(spec_path):
         spec = json.load(f)
     os.chdir(spec["work_dir"])
     result = CHILD_SECTIONS[spec["section"]](spec)
+    import torch
+
+    result["torch_threads"] = torch.get_num_threads()  # what the numbers were taken with (--threads or torch's)
     common.write_json(spec["result_path"], result)
 
 

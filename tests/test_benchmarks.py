@@ -36,6 +36,7 @@ def test_quick_quality_writes_table_and_resumes(tmp_path):
     records = common.read_jsonl(str(tmp_path / "results" / "quality-quick.jsonl"))
     assert [r["status"] for r in records] == ["ok"] and records[0]["overrides"]["hidden_size"] == 16
     assert abs(records[0]["test"]["ndcg@10"] - ndcg) < 1e-4 and records[0]["peak_rss_mib"] > 50
+    assert records[0]["torch_threads"] == 1  # --threads 1 reached the child and is recorded
 
     second = _run_quality(tmp_path)  # everything is finished: nothing runs again, the table is rebuilt
     assert second.returncode == 0, second.stdout + second.stderr
