@@ -154,6 +154,37 @@ def test_only_prefix_suffix_mformer_get_gradients(built):
     assert model.prefix_module.blocks[0].cross_attn.in_proj_weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("pooling, with_prefix", [("suffix", True), ("eos", True), ("mean", False)])
+def test_inputs_embeds_matches_a_row_by_row_build(built, pooling, with_prefix, monkeypatch):
+    # the batched scatter build against the obvious per-row one: [P ; text ; s], left-padded with zeros
+    _, model, _, _, _ = built
+    monkeypatch.setattr(model, "pooling", pooling)
+    embed = model.llm.get_input_embeddings()
+    model.zero_grad(set_to_none=True)
+    token_ids = [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
+    torch.manual_seed(0)
+    prefix = torch.randn(3, 2, model.llm_size, requires_grad=True) if with_prefix else None
+    embeds, mask = model._inputs_embeds(token_ids, prefix)
+    tail = {"suffix": model.suffix[None], "eos": embed(model.eos_ids), "mean": None}[pooling]
+    rows = []
+    for b, ids in enumerate(token_ids):
+        parts = ([prefix[b]] if with_prefix else []) + [embed(torch.tensor(ids))] + ([tail] if tail is not None else [])
+        rows.append(torch.cat(parts))
+    width = max(len(r) for r in rows)
+    assert embeds.shape == (3, width, model.llm_size)
+    for b, row in enumerate(rows):
+        pad = width - len(row)
+        assert torch.equal(embeds[b, pad:], row) and not embeds[b, :pad].any()
+        assert mask[b].tolist() == [0] * pad + [1] * len(row)
+    if embeds.requires_grad:
+        embeds.sum().backward()  # gradients reach the trainable prefix and suffix
+    if with_prefix:
+        assert torch.equal(prefix.grad, torch.ones_like(prefix))
+    if pooling == "suffix":
+        assert torch.equal(model.suffix.grad, torch.full_like(model.suffix, 3.0))
+    model.zero_grad()
+
+
 def test_left_padding_does_not_change_user_embedding(built):
     _, model, _, _, _ = built
     model.eval()
