@@ -183,37 +183,34 @@ class Laser(SequentialRecommender):
         refresh is launch-bound, and a per-row build cost about 250 of the ~2,500 ops of a batch of 32.
         """
         embed = input_embeddings(self.llm)
-        n_rows = len(token_ids)
-        text_len = torch.tensor([len(ids) for ids in token_ids], dtype=torch.long)
-        n_prefix = prefix.size(1) if prefix is not None else 0
         if self.pooling == "suffix":
             tail = self.suffix.to(self.llm_dtype)
         elif self.pooling == "eos":
             tail = embed(self.eos_ids)[0]
         else:
             tail = None
-        lengths = n_prefix + text_len + (1 if tail is not None else 0)
-        width = int(lengths.max())
-        first = width - lengths  # each row's first real position (left padding)
-        # (row, column) of every text token, in the order of the flattened ids
-        text_rows = torch.repeat_interleave(torch.arange(n_rows), text_len)
-        offsets = torch.cumsum(text_len, 0) - text_len
-        text_cols = first[text_rows] + n_prefix + torch.arange(int(text_len.sum())) - offsets[text_rows]
-        flat = torch.tensor([t for ids in token_ids for t in ids], dtype=torch.long)
-        flat, text_rows, text_cols, first = (x.to(self.device) for x in (flat, text_rows, text_cols, first))
+        n_rows, n_prefix, n_tail = len(token_ids), prefix.size(1) if prefix is not None else 0, int(tail is not None)
+        text_len = torch.tensor([len(ids) for ids in token_ids]).unsqueeze(1)  # [B, 1]
+        width = int(text_len.max()) + n_prefix + n_tail
+        text_end = width - n_tail  # left padding: every row's text ends at the same column
+        text_start = text_end - text_len
+        first = text_start - n_prefix  # each row's first real position
+        cols = torch.arange(width)
+
+        def slots(where):  # [B, T] bool -> (rows, cols) in row-major order, i.e. the order of the flattened values
+            return tuple(index.to(self.device) for index in where.nonzero(as_tuple=True))
+
+        flat = torch.tensor([t for ids in token_ids for t in ids], dtype=torch.long, device=self.device)
         text = embed(flat)
-        embeds = text.new_zeros(n_rows, width, text.size(-1))
         # out-of-place index_put keeps autograd to the prefix and the suffix
-        embeds = embeds.index_put((text_rows, text_cols), text)
+        embeds = text.new_zeros(n_rows, width, text.size(-1))
+        embeds = embeds.index_put(slots((cols >= text_start) & (cols < text_end)), text)
         if prefix is not None:
-            rows = torch.arange(n_rows, device=self.device).repeat_interleave(n_prefix)
-            cols = (first.unsqueeze(1) + torch.arange(n_prefix, device=self.device)).flatten()
-            embeds = embeds.index_put((rows, cols), prefix.to(self.llm_dtype).reshape(-1, text.size(-1)))
+            embeds = embeds.index_put(slots((cols >= first) & (cols < text_start)),
+                                      prefix.to(self.llm_dtype).reshape(-1, text.size(-1)))
         if tail is not None:
-            embeds = embeds.index_put((torch.arange(n_rows, device=self.device),
-                                       torch.full((n_rows,), width - 1, device=self.device)),
-                                      tail.expand(n_rows, -1))
-        mask = (torch.arange(width, device=self.device).unsqueeze(0) >= first.unsqueeze(1)).long()
+            embeds = embeds.index_put(slots((cols == text_end).expand(n_rows, -1)), tail.expand(n_rows, -1))
+        mask = (cols >= first).long().to(self.device)
         return embeds, mask
 
     def encode(self, token_ids, collab, collab_mask):
