@@ -338,6 +338,8 @@ def plot(table, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    from recbole_llm.fileio import atomic_path
+
     datasets = [d for d, rows in table.items() if any(r["ok"] for r in rows.values())]
     if not datasets:
         return None
@@ -356,10 +358,9 @@ def plot(table, path):
         ax.set_xlabel("NDCG@10 (test)")
         ax.set_title(dataset)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path, suffix=".png") as tmp:  # the suffix tells savefig the format
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

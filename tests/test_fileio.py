@@ -1,0 +1,102 @@
+"""Atomic writes of files and directories, and the removal of temps that killed writers left behind."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from recbole_llm.fileio import STALE_AFTER_S, atomic_dir, atomic_path, atomic_write_text, remove_stale_temps
+
+DAY_AGO = time.time() - STALE_AFTER_S - 60
+
+KILLED_WRITER = ("import os, signal, sys\n"
+                 "from recbole_llm.fileio import atomic_path, atomic_dir\n"
+                 "path, kind = sys.argv[1], sys.argv[2]\n"
+                 "with (atomic_path(path) if kind == 'file' else atomic_dir(path)) as tmp:\n"
+                 "    if kind == 'dir':\n"
+                 "        tmp = os.path.join(tmp, 'weights.bin')\n"
+                 "    open(tmp, 'w').write('half')\n"
+                 "    os.kill(os.getpid(), signal.SIGKILL)\n")
+
+
+def _age(path):
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            os.utime(os.path.join(root, name), (DAY_AGO, DAY_AGO))
+    os.utime(path, (DAY_AGO, DAY_AGO))
+
+
+def _killed_write(path, kind):
+    proc = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(path), kind], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    leftovers = [p for p in path.parent.iterdir() if p.name != path.name]
+    assert len(leftovers) == 1 and leftovers[0].name.startswith(f".{path.name}.")  # SIGKILL skips the cleanup
+    assert not path.exists()
+    return leftovers[0]
+
+
+def test_a_killed_file_writers_temp_is_removed_by_the_next_write_once_stale(tmp_path):
+    target = tmp_path / "vectors.json"
+    leftover = _killed_write(target, "file")
+    atomic_write_text(str(target), "{}")
+    assert leftover.exists()  # recent: it could be a live writer's temp
+    _age(leftover)
+    atomic_write_text(str(target), "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vectors.json"]
+
+
+def test_a_killed_directory_writers_temp_is_removed_by_the_next_write_once_stale(tmp_path):
+    target = tmp_path / "model"
+    leftover = _killed_write(target, "dir")
+    _age(leftover)
+    os.utime(leftover / "weights.bin")  # a file inside still being written: the writer may be alive
+    assert remove_stale_temps(str(target), ".tmpdir") == []
+    _age(leftover)
+    with atomic_dir(str(target)) as tmp:
+        open(os.path.join(tmp, "config.json"), "w").write("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert os.listdir(target) == ["config.json"]
+
+
+def test_only_the_targets_own_temps_are_removed(tmp_path):
+    mine = tmp_path / ".x.item.abcd_123.tmp"
+    longer_name = tmp_path / ".x.item.bak.abcd_123.tmp"  # a temp of "x.item.bak"
+    other_suffix = tmp_path / ".x.item.abcd_123.pth"
+    for p in (mine, longer_name, other_suffix):
+        p.write_text("old")
+        _age(p)
+    assert remove_stale_temps(str(tmp_path / "x.item"), ".tmp") == [str(mine)]
+    assert longer_name.exists() and other_suffix.exists()
+
+
+def test_atomic_path_leaves_nothing_on_error(tmp_path):
+    target = tmp_path / "a.txt"
+    with pytest.raises(RuntimeError):
+        with atomic_path(str(target)) as tmp:
+            open(tmp, "w").write("half")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_dir_leaves_nothing_on_error_and_keeps_or_replaces_a_finished_copy(tmp_path):
+    target = tmp_path / "converted"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(str(target)) as tmp:
+            open(os.path.join(tmp, "part"), "w").write("half")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+    with atomic_dir(str(target)) as tmp:
+        open(os.path.join(tmp, "mine"), "w").write("x")
+        target.mkdir()  # another process finished the same directory first
+        (target / "theirs").write_text("y")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["converted"]
+    assert os.listdir(target) == ["theirs"]
+
+    with atomic_dir(str(target), replace=True) as tmp:
+        open(os.path.join(tmp, "mine"), "w").write("x")
+    assert os.listdir(target) == ["mine"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["converted"]
