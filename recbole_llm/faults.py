@@ -2,7 +2,8 @@
 n-th time (default 1st) execution reaches ``kill_point(<point>)``.
 
 Points: ``knowledge_batch`` (after a generated batch is appended to the cache), ``item_refresh_batch``
-(inside Laser's item-matrix refresh), ``train_batch`` (before a training step), ``checkpoint_write``
+(inside Laser's item-matrix refresh), ``train_batch`` (before a training step), ``align_step`` (before a step
+of SeRALM's alignment, phase B), ``checkpoint_write``
 (after the temp file is written, before it is renamed into place). Unset, a point costs one dict lookup.
 """
 

@@ -30,6 +30,7 @@ def _check(predicate, expected):
 
 
 POSITIVE_INT = _check(lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1")
+NON_NEGATIVE_INT = _check(lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0")
 NON_NEGATIVE = _check(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, "a number >= 0")
 POSITIVE = _check(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a number > 0")
 PROBABILITY = _check(lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a number in [0, 1)")
@@ -45,6 +46,7 @@ RANGES = {
     "lb_weight": NON_NEGATIVE,
     "alpha": NON_NEGATIVE,
     "refresh_every": POSITIVE_INT,
+    "align_resume_every": NON_NEGATIVE_INT,
     "llm_num_layers": POSITIVE_INT,
     "encode_batch_size": POSITIVE_INT,
     "knowledge_batch_size": POSITIVE_INT,

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from recbole_llm.faults import ENV as KILL_ENV
@@ -57,6 +58,36 @@ def seralm_run(root):
     config = helpers_seralm.tiny_config_dict(root, epochs=3, stopping_step=10, train_batch_size=8,
                                              knowledge_batch_size=4)
     return Run(root, "SASRecSeRALM", helpers_seralm.DATASET, config)
+
+
+def aligned_run(root):
+    # 9 alignment steps over ~7 batches per pass: the resumed stretch crosses a pass of the train loader.
+    # Resume states at steps 0, 3, 6; snapshots at 0, 2, 4, ...: step 3 resumes with the snapshot of step 2.
+    # Dropout in LoRA and the recommender: a resume that lost the random state would train differently.
+    config = helpers_seralm.tiny_config_dict(
+        root, epochs=2, stopping_step=10, train_batch_size=8, knowledge_batch_size=4, alignment=True,
+        generator_mode="sync", align_warmup_epochs=1, alignment_steps=9, refresh_every=2, align_resume_every=3,
+        align_batch_size=4, align_max_new_tokens=4, align_generation_batch_size=8, frozen_base_epochs=1,
+        lora_r=2, lora_alpha=4, lora_dropout=0.1, llm_learning_rate=1e-2)
+    return Run(root, "SASRecSeRALM", helpers_seralm.DATASET, config)
+
+
+def final_weights(run):
+    """The best checkpoint's state_dict and its LoRA adapter, for an exact comparison of two runs."""
+    from safetensors.torch import load_file
+
+    from recbole_llm.checkpoint import load_checkpoint
+
+    [checkpoint] = [p for p in glob.glob(os.path.join(run.checkpoint_dir, "*.pth"))]
+    [adapter] = glob.glob(os.path.join(run.checkpoint_dir, "*-lora.safetensors"))
+    return load_checkpoint(checkpoint, map_location="cpu")["state_dict"], load_file(adapter)
+
+
+def assert_same_weights(a, b):
+    for one, other in zip(a, b):
+        assert one.keys() == other.keys()
+        for key in one:
+            assert torch.equal(one[key], other[key]), key
 
 
 def laser_run(root):
@@ -119,3 +150,35 @@ def test_without_resume_flag_a_rerun_starts_over_and_says_so(tmp_path):
     _, output = run()
     assert "pass --resume=True to continue that run" in output
     assert "Resuming" not in output
+
+
+@pytest.fixture(scope="module")
+def aligned_reference(tmp_path_factory):
+    run = aligned_run(tmp_path_factory.mktemp("aligned_ref"))
+    result, output = run()
+    assert "alignment phase C" in output
+    assert not glob.glob(os.path.join(run.checkpoint_dir, "*.align.pth"))  # a finished run leaves none
+    return result, final_weights(run)
+
+
+def test_alignment_killed_in_phase_b_resumes_from_its_last_saved_step(tmp_path, aligned_reference):
+    run = aligned_run(tmp_path)
+    run(kill_at="align_step:6")  # killed before step 5; the state of step 3 was saved (every 3 steps)
+    assert len(glob.glob(os.path.join(run.checkpoint_dir, "*.align.pth"))) == 1
+    result, output = run("--resume=True")
+    assert "Resuming the interrupted alignment in phase B at step 3" in output
+    assert "alignment phase A" not in output  # the warm-up is not redone
+    assert result == aligned_reference[0]
+    assert_same_weights(final_weights(run), aligned_reference[1])
+    assert not glob.glob(os.path.join(run.checkpoint_dir, "*.align.pth"))
+
+
+def test_alignment_killed_in_phase_c_resumes_the_regeneration(tmp_path, aligned_reference):
+    run = aligned_run(tmp_path)
+    run(kill_at="knowledge_batch:5")  # 3 batches of base knowledge, then after the 2nd of 3 batches of phase C
+    result, output = run("--resume=True")
+    assert "Resuming the interrupted alignment in phase C" in output
+    assert "alignment step" not in output  # phase B is not redone
+    assert "Generating knowledge for 4 items (8 cached)" in output
+    assert result == aligned_reference[0]
+    assert_same_weights(final_weights(run), aligned_reference[1])

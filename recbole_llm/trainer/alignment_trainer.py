@@ -19,6 +19,8 @@ r"""AlignmentTrainer: SeRALM's alignment training (paper 4.4, Algorithm 1) aroun
 
 ``alignment: False`` skips A-C: exactly RecBole's Trainer (the paper's Base+NA_LLM).
 
+``--resume=True`` continues an alignment that was killed in phase B or C (see ``alignment_resume``).
+
 Choices where the paper is silent or loose (each is a config key, paper behaviour as default where it has one):
 - which items get sampled knowledge: the ``align_history_items`` most recent history items per instance,
   one sample per distinct item per batch (see generator.py);
@@ -44,9 +46,17 @@ from recbole.trainer import Trainer
 from recbole.utils import set_color
 from tqdm.auto import tqdm
 
+from recbole_llm.checkpoint import atomic_torch_save, load_checkpoint
 from recbole_llm.config import config_get
+from recbole_llm.faults import kill_point
 from recbole_llm.fileio import atomic_path
 from recbole_llm.trainer.alignment_loss import alignment_llm_loss, importance_weights
+from recbole_llm.trainer.alignment_resume import (
+    alignment_state_path,
+    loader_state,
+    remove_alignment_state,
+    replay_loader,
+)
 from recbole_llm.trainer.generator import (
     KnowledgeEncoder,
     RayGenerator,
@@ -54,9 +64,11 @@ from recbole_llm.trainer.generator import (
     build_lora_llm,
     generator_options,
     item_prompts,
+    load_lora_state,
     lora_state,
     state_digest,
 )
+from recbole_llm.trainer.resume import capture_random_state, restore_random_state, run_fingerprint
 from recbole_llm.trainer.safe import SafeCheckpointMixin
 
 GENERATOR_MODES = ("sync", "ray")
@@ -170,23 +182,44 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
         self.adapter_version = None
         self.aligned = False
         self.alignment_log = []  # per step: losses, weights, timings
+        self.alignment_state_file = alignment_state_path(config)
+        self.align_resume_every = int(config_get(config, "align_resume_every", 50))
+        self._write_alignment_state = False
+        self._alignment_resume = None  # the loaded state of an interrupted alignment
+        self._last_snapshot = None  # (lora, rec_state, step) last sent to the generator
+        self._loader_start = None  # train loader state at the start of phase B
 
     # ----------------------------------------------------------------------------------- fit
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         if self.alignment and not self.aligned:
+            self._write_alignment_state = saved and self._is_main_rank()
             self.align(train_data, show_progress=show_progress)
-        return super().fit(train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress,
-                           callback_fn=callback_fn)
+        result = super().fit(train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress,
+                             callback_fn=callback_fn)
+        if self._write_alignment_state:
+            remove_alignment_state(self.alignment_state_file)  # finished: a rerun aligns again
+        return result
 
     def align(self, train_data, show_progress=False):
         """Phases A (warm-up), B (Algorithm 1) and C (regenerate + re-encode all knowledge)."""
         dataset = train_data._dataset
-        warmup = int(config_get(self.config, "align_warmup_epochs", 1))
-        for epoch in range(warmup):
-            loss = self._train_epoch(train_data, epoch, show_progress=show_progress)
-            self.logger.info(set_color(f"alignment phase A (warm-up) epoch {epoch}", "green") + f": loss {loss}")
+        resumed, self._alignment_resume = self._alignment_resume, None
+        if resumed is None:
+            warmup = int(config_get(self.config, "align_warmup_epochs", 1))
+            for epoch in range(warmup):
+                loss = self._train_epoch(train_data, epoch, show_progress=show_progress)
+                self.logger.info(set_color(f"alignment phase A (warm-up) epoch {epoch}", "green") + f": loss {loss}")
+            self._loader_start = loader_state(train_data)
+        else:
+            self._loader_start = resumed["loader_start"]
         self.llm, self.tokenizer = build_lora_llm(self.config, device=self.device)
-        self.alignment_steps(train_data, dataset, show_progress=show_progress)
+        if resumed is not None and resumed["phase"] == "C":
+            self._restore_alignment_state(resumed)
+            restore_random_state(resumed["random"], train_data)
+        else:
+            self.alignment_steps(train_data, dataset, show_progress=show_progress, resumed=resumed)
+            if self._write_alignment_state:
+                self._save_alignment_state("C", self._planned_steps(train_data), train_data)
         self.regenerate_knowledge(dataset, show_progress=show_progress)
         self.aligned = True
 
@@ -211,10 +244,14 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
 
     def snapshot(self):
         """(LoRA state, recommender state) as CPU copies: what the trainer job sends the generator."""
-        return lora_state(self.llm), {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        lora = lora_state(self.llm)
+        rec_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        self._last_snapshot = (lora, rec_state)
+        return lora, rec_state
 
-    def alignment_steps(self, train_data, dataset, show_progress=False):
-        """Phase B: Algorithm 1 over ``alignment_epochs`` passes (or ``alignment_steps`` steps)."""
+    def alignment_steps(self, train_data, dataset, show_progress=False, resumed=None):
+        """Phase B: Algorithm 1 over ``alignment_epochs`` passes (or ``alignment_steps`` steps); ``resumed``:
+        the state of an interrupted phase B, continued from its step."""
         total = self._planned_steps(train_data)
         if total <= 0:
             return
@@ -225,13 +262,25 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
         depth = 1 + (int(config_get(self.config, "generator_prefetch", 2)) if self.generator_mode == "ray" else 0)
         seed = int(self.config["seed"])
         pending = deque()
-        submitted = 0
+        first = resumed["step"] if resumed is not None else 0
+        submitted = first  # batch j is always sampled with seed + j, resumed or not
         batches = self._batches(train_data, total)
         generator = self.make_generator(dataset, frozen_base)
+        if resumed is not None:
+            self._restore_alignment_state(resumed, llm_optimizer)
+            replay_loader(train_data, self._loader_start, batches, first)
+            generator.refresh_steps = list(resumed["refresh_steps"])
+            if resumed["snapshot"] is not None:
+                snap = resumed["snapshot"]
+                self._last_snapshot = (snap["lora"], snap["rec_state"])
+                generator.refresh(snap["lora"], snap["rec_state"], snap["step"])
+            restore_random_state(resumed["random"], train_data)  # last: the set-up above draws random numbers
         self.generator_refresh_steps = generator.refresh_steps
         try:
-            with tqdm(total=total, desc="Alignment (Algorithm 1)", disable=not show_progress) as bar:
-                for step in range(total):
+            with tqdm(total=total, initial=first, desc="Alignment (Algorithm 1)", disable=not show_progress) as bar:
+                for step in range(first, total):
+                    if self._write_alignment_state and self._is_resume_point(step, first, resumed):
+                        self._save_alignment_state("B", step, train_data, llm_optimizer, generator)
                     generator.maybe_refresh(step, self.snapshot)
                     while len(pending) < depth:
                         interaction = next(batches, None)
@@ -243,6 +292,7 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
                     if not pending:
                         break
                     interaction = pending.popleft()
+                    kill_point("align_step")
                     start = time.perf_counter()
                     sample = generator.next()
                     waited = time.perf_counter() - start
@@ -320,6 +370,62 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
         self.model.set_knowledge_vectors(vectors)
         self.logger.info(set_color("alignment phase C", "green")
                          + f": knowledge regenerated with adapter {self.adapter_version}")
+
+    # ------------------------------------------------------------------------ alignment resume
+    def _is_resume_point(self, step, first, resumed):
+        if step == first:  # step 0 of a new phase B keeps the warm-up; a resumed step is already saved
+            return resumed is None
+        return self.align_resume_every > 0 and step % self.align_resume_every == 0
+
+    def _save_alignment_state(self, phase, step, train_data, llm_optimizer=None, generator=None):
+        """Everything an exact continuation of phase ``phase`` at ``step`` needs (see alignment_resume)."""
+        snapshot = None
+        if self._last_snapshot is not None and generator is not None and generator.refresh_steps:
+            lora, rec_state = self._last_snapshot
+            snapshot = {"lora": lora, "rec_state": rec_state, "step": generator.refresh_steps[-1]}
+        atomic_torch_save({
+            "fingerprint": run_fingerprint(self.config),
+            "phase": phase,
+            "step": step,
+            "state_dict": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lora": lora_state(self.llm),
+            "llm_optimizer": llm_optimizer.state_dict() if llm_optimizer is not None else None,
+            "snapshot": snapshot,
+            "refresh_steps": list(generator.refresh_steps) if generator is not None else [],
+            "loader_start": self._loader_start,
+            "random": capture_random_state(train_data),  # with the loader's: phase C resumes after B's passes
+            "alignment_log": list(self.alignment_log),
+        }, self.alignment_state_file)
+
+    def _restore_alignment_state(self, state, llm_optimizer=None):
+        self.model.load_state_dict(state["state_dict"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        load_lora_state(self.llm, state["lora"])
+        if llm_optimizer is not None and state["llm_optimizer"] is not None:
+            llm_optimizer.load_state_dict(state["llm_optimizer"])
+        self.alignment_log = list(state["alignment_log"])
+
+    def resume_interrupted_run(self):
+        """Continue the training after alignment (ordinary resume state), else an interrupted alignment."""
+        if os.path.isfile(self.resume_state_file) or not self.alignment \
+                or not os.path.isfile(self.alignment_state_file):
+            return super().resume_interrupted_run()
+        path = self.alignment_state_file
+        state = load_checkpoint(path, map_location="cpu")
+        if state.get("fingerprint") != run_fingerprint(self.config):
+            raise RuntimeError(f"Alignment resume state '{path}' was written for a different config; delete it "
+                               "to start over.")
+        self._alignment_resume = state
+        where = f"phase B at step {state['step']}" if state["phase"] == "B" else "phase C (knowledge regeneration)"
+        self.logger.info(f"Resuming the interrupted alignment in {where} ({path})")
+        return True
+
+    def warn_if_interrupted_run(self):
+        super().warn_if_interrupted_run()
+        if self.alignment and os.path.isfile(self.alignment_state_file):
+            self.logger.warning(f"An interrupted alignment with this config left {self.alignment_state_file}; "
+                                "this run starts over (pass --resume=True to continue it instead)")
 
     # ---------------------------------------------------------------------------- checkpoints
     def _checkpoint_state(self, epoch):
