@@ -11,7 +11,8 @@ Every (dataset, variant, seed) goes through ``recbole_llm.quick_start.run_recbol
 (leave-one-out, time order, full ranking over all items, Recall/NDCG/MRR@10), the model's profile YAML
 (``-cpu`` or paper sizes) and the variant's overrides below. Each finished run is appended to
 ``benchmarks/results/quality-<mode>.jsonl``; a second invocation skips the runs already there, so an interrupted
-benchmark resumes. The table (mean ± sample std over seeds) goes to ``quality-<mode>.md`` and NDCG@10 to
+benchmark resumes, and the run that was in flight continues from its resume state (``--resume=True``: the epoch or
+alignment step it had reached, same results; its time is then partial and left out of ``time/run``). The table (mean ± sample std over seeds) goes to ``quality-<mode>.md`` and NDCG@10 to
 ``quality-<mode>.png``.
 """
 
@@ -147,8 +148,12 @@ def child_main(spec_path):
                              profile=spec["profile"], saved=True)
     elapsed = time.perf_counter() - start
     saved_file = result.get("saved_model_file")
-    if saved_file and os.path.isfile(saved_file) and not spec.get("keep_checkpoints"):
-        os.remove(saved_file)
+    if saved_file and not spec.get("keep_checkpoints"):
+        from recbole_llm.trainer.alignment_trainer import adapter_path
+
+        for path in (saved_file, adapter_path(saved_file)):  # the checkpoint and a SeRALM LoRA adapter
+            if os.path.isfile(path):
+                os.remove(path)
     peak_cuda = None
     import torch
 
@@ -170,13 +175,15 @@ def run_one(run, args, mode, jsonl_path):
     spec_path = os.path.join(spec_dir, f"{slug}.json")
     result_path = os.path.join(spec_dir, f"{slug}.result.json")
     log_path = os.path.join(work_dir, "logs", f"{slug}.log")
-    config_dict = dict(run["config_dict"], checkpoint_dir=os.path.join(work_dir, "saved"))
+    # resume: a run whose earlier attempt was killed continues from its resume state (same results).
+    config_dict = dict(run["config_dict"], checkpoint_dir=os.path.join(work_dir, "saved"), resume=True)
     if os.path.exists(result_path):
         os.remove(result_path)
     common.write_json(spec_path, {"model": variant.model, "dataset": run["dataset"], "config_dict": config_dict,
                                   "profile": args.profile, "work_dir": work_dir, "result_path": result_path})
     loads = [common.load_average()]
     started = common.now_utc()
+    log_offset = os.path.getsize(log_path) if os.path.exists(log_path) else 0
     rc, wall, peak = common.run_child([sys.executable, os.path.abspath(__file__), "--child", spec_path], log_path,
                                       env=common.child_env(args.threads), timeout=args.timeout)
     loads.append(common.load_average())
@@ -184,7 +191,8 @@ def run_one(run, args, mode, jsonl_path):
               "label": variant.label, "model": variant.model, "family": variant.family, "base": variant.base,
               "seed": run["seed"], "profile": args.profile, "overrides": run["config_dict"],
               "started": started, "wall_s": round(wall, 1), "peak_rss_mib": round(peak, 1),
-              "loadavg_start": loads[0], "loadavg_end": loads[1], "log": log_path}
+              "loadavg_start": loads[0], "loadavg_end": loads[1], "log": log_path,
+              "resumed": resumed_in_log(log_path, log_offset)}
     if rc == 0 and os.path.isfile(result_path):
         with open(result_path) as f:
             record.update(status="ok", **json.load(f))
@@ -192,6 +200,17 @@ def run_one(run, args, mode, jsonl_path):
         record.update(status="failed", returncode=rc, error=common.log_tail(log_path))
     common.append_jsonl(jsonl_path, record)
     return record
+
+
+def resumed_in_log(path, offset):
+    """Whether this attempt's part of the (appended) log says it continued an interrupted attempt: then its
+    wall time covers only the rest of the run."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return b"Resuming the interrupted" in f.read()
+    except OSError:
+        return False
 
 
 def finished_ids(jsonl_path):
@@ -283,7 +302,8 @@ def render(table, mode, env, command, started, finished, loads, settings_notes):
            "", "Test-set metrics of the best validation epoch (NDCG@10), mean ± sample std over seeds; same "
            "leave-one-out split (time order), full ranking over all items. `time/run` is the whole run "
            "(data, one-time caches such as frozen recommenders or knowledge generation, training, evaluation); "
-           "`peak RSS` the child process's maximum resident memory.", ""]
+           "`peak RSS` the child process's maximum resident memory. A run that continued a killed attempt "
+           "(`--resume=True`, same results) is left out of `time/run` and marked *.", ""]
     for dataset, rows in table.items():
         out += [f"## {dataset}", ""]
         body = []
@@ -291,10 +311,11 @@ def render(table, mode, env, command, started, finished, loads, settings_notes):
             n = len(row["ok"])
             status = f"{n}" + (f" ({len(row['failed'])} failed)" if row["failed"] else "") + \
                 (f" ({row['pending']} not run)" if row["pending"] else "")
-            walls = [r["wall_s"] for r in row["ok"]]
+            walls = [r["wall_s"] for r in row["ok"] if not r.get("resumed")]
+            resumed = sum(1 for r in row["ok"] if r.get("resumed"))
             peaks = [r["peak_rss_mib"] for r in row["ok"]]
             body.append([row["variant"].label] + [common.fmt_mean_std(_values(row, key)) for key, _ in METRICS]
-                        + [status, f"{common.mean_std(walls)[0]:.0f}" if walls else "-",
+                        + [status + "*" * bool(resumed), f"{common.mean_std(walls)[0]:.0f}" if walls else "-",
                            f"{max(peaks):.0f}" if peaks else "-"])
         out += [common.markdown_table(["model"] + [name for _, name in METRICS]
                                       + ["seeds", "time/run (s)", "peak RSS (MiB)"], body), ""]

@@ -9,22 +9,33 @@ import sys
 import pytest
 
 from benchmarks import common, quality, speed
+from recbole_llm.faults import ENV as KILL_ENV
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SASREC = ["hidden_size=16", "inner_size=16", "n_layers=1", "n_heads=1", "MAX_ITEM_LIST_LENGTH=10"]
 
 
-def _run_quality(tmp_path, *extra):
+def _run_quality(tmp_path, *settings, kill_at=None):
     cmd = [sys.executable, os.path.join(REPO, "benchmarks", "quality.py"), "--quick", "--models", "SASRec",
-           "--set", *TINY_SASREC, "--results-dir", str(tmp_path / "results"), "--work-dir", str(tmp_path / "work"),
-           "--no-plot", "--threads", "1", *extra]
+           "--set", *TINY_SASREC, *settings, "--results-dir", str(tmp_path / "results"),
+           "--work-dir", str(tmp_path / "work"), "--no-plot", "--threads", "1"]
     env = dict(os.environ, PYTHONPATH=REPO)
+    env.pop(KILL_ENV, None)
+    if kill_at:
+        env[KILL_ENV] = kill_at
     return subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_quick_quality_writes_table_and_resumes(tmp_path):
-    first = _run_quality(tmp_path)
+    # The first attempt's child is killed in its 2nd epoch (~96 batches per epoch); the rerun retries it, and
+    # the retry continues from the run's resume state instead of starting over.
+    killed = _run_quality(tmp_path, "epochs=2", kill_at="train_batch:120")
+    [record] = common.read_jsonl(str(tmp_path / "results" / "quality-quick.jsonl"))
+    assert record["status"] == "failed" and record["returncode"] == -9, killed.stdout + killed.stderr
+
+    first = _run_quality(tmp_path, "epochs=2")
     assert first.returncode == 0, first.stdout + first.stderr
+    assert "0 already finished, 1 to run" in first.stdout
     table = (tmp_path / "results" / "quality-quick.md").read_text()
     header = "| model | Recall@10 | NDCG@10 | MRR@10 | seeds | time/run (s) | peak RSS (MiB) |"
     assert header in table
@@ -32,16 +43,19 @@ def test_quick_quality_writes_table_and_resumes(tmp_path):
     row = next(line for line in table.splitlines() if line.startswith("| SASRec |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     recall, ndcg, mrr = (float(c) for c in cells[1:4])
-    assert 0 < ndcg <= recall <= 1 and 0 < mrr <= 1 and cells[4] == "1"
+    assert 0 < ndcg <= recall <= 1 and 0 < mrr <= 1
+    assert cells[4:6] == ["1*", "-"]  # a resumed run is marked and left out of the time/run mean
     records = common.read_jsonl(str(tmp_path / "results" / "quality-quick.jsonl"))
-    assert [r["status"] for r in records] == ["ok"] and records[0]["overrides"]["hidden_size"] == 16
-    assert abs(records[0]["test"]["ndcg@10"] - ndcg) < 1e-4 and records[0]["peak_rss_mib"] > 50
-    assert records[0]["torch_threads"] == 1  # --threads 1 reached the child and is recorded
+    assert [r["status"] for r in records] == ["failed", "ok"] and records[1]["overrides"]["hidden_size"] == 16
+    assert records[1]["resumed"] is True and "Resuming the interrupted run from the start of epoch 1" in \
+        open(records[1]["log"]).read()
+    assert abs(records[1]["test"]["ndcg@10"] - ndcg) < 1e-4 and records[1]["peak_rss_mib"] > 50
+    assert records[1]["torch_threads"] == 1  # --threads 1 reached the child and is recorded
 
-    second = _run_quality(tmp_path)  # everything is finished: nothing runs again, the table is rebuilt
+    second = _run_quality(tmp_path, "epochs=2")  # everything is finished: nothing runs again, the table is rebuilt
     assert second.returncode == 0, second.stdout + second.stderr
     assert "1 already finished, 0 to run" in second.stdout
-    assert len(common.read_jsonl(str(tmp_path / "results" / "quality-quick.jsonl"))) == 1
+    assert len(common.read_jsonl(str(tmp_path / "results" / "quality-quick.jsonl"))) == 2
 
 
 def _record(dataset, variant, seed, ndcg, status="ok"):
@@ -77,6 +91,10 @@ def test_aggregate_claims_and_render():
     text = quality.render(table, "cpu", env, "python benchmarks/quality.py", "t0", "t1", [[1, 1, 1], [2, 2, 2]], [])
     assert "| SASRec | 0.1020 ± 0.0028 | 0.0510 ± 0.0014 | 0.0255 ± 0.0007 | 2 | 10 | 100 |" in text
     assert "| Laser | 0.1200 | 0.0600 | 0.0300 | 1 (1 not run) |" in text
+
+    records[1] = dict(records[1], resumed=True, wall_s=3.0)  # continued a killed attempt: its time is partial
+    text = quality.render(quality.aggregate(records, runs), "cpu", env, "cmd", "t0", "t1", [None, None], [])
+    assert "| SASRec | 0.1020 ± 0.0028 | 0.0510 ± 0.0014 | 0.0255 ± 0.0007 | 2* | 10 | 100 |" in text
 
 
 def test_failed_runs_are_listed_and_plot_is_written(tmp_path):
