@@ -182,3 +182,15 @@ def test_alignment_killed_in_phase_c_resumes_the_regeneration(tmp_path, aligned_
     assert "Generating knowledge for 4 items (8 cached)" in output
     assert result == aligned_reference[0]
     assert_same_weights(final_weights(run), aligned_reference[1])
+
+
+def test_aligned_run_killed_after_alignment_resumes_its_epoch_and_cleans_up(tmp_path, aligned_reference):
+    run = aligned_run(tmp_path)
+    # train_batch hits: 7 warm-up batches, 7 of the frozen base's epoch, then 7 per epoch of the final training
+    run(kill_at="train_batch:24")
+    result, output = run("--resume=True")
+    assert "Resuming the interrupted run from the start of epoch 1" in output
+    assert "alignment step" not in output and "Resuming the interrupted alignment" not in output
+    assert result == aligned_reference[0]
+    assert_same_weights(final_weights(run), aligned_reference[1])
+    assert not glob.glob(os.path.join(run.checkpoint_dir, "*.align.pth"))  # left by the alignment, removed at the end

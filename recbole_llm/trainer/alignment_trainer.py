@@ -186,13 +186,13 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
         self.align_resume_every = int(config_get(config, "align_resume_every", 50))
         self._write_alignment_state = False
         self._alignment_resume = None  # the loaded state of an interrupted alignment
-        self._last_snapshot = None  # (lora, rec_state, step) last sent to the generator
+        self._last_snapshot = None  # (lora, rec_state) last sent to the generator
         self._loader_start = None  # train loader state at the start of phase B
 
     # ----------------------------------------------------------------------------------- fit
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        self._write_alignment_state = saved and self._is_main_rank()
         if self.alignment and not self.aligned:
-            self._write_alignment_state = saved and self._is_main_rank()
             self.align(train_data, show_progress=show_progress)
         result = super().fit(train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress,
                              callback_fn=callback_fn)
