@@ -110,7 +110,9 @@ class SafeCheckpointMixin:
         if not os.path.isfile(path):
             self.logger.info(f"No interrupted run to resume ({path} does not exist): starting from epoch 0")
             return False
-        state = load_checkpoint(path, map_location=self.device)
+        # On the CPU: torch's and the loader's RNG states must be CPU tensors; weights and optimizer state are
+        # copied onto the model's device by load_state_dict.
+        state = load_checkpoint(path, map_location="cpu")
         if state.get("fingerprint") != run_fingerprint(self.config):
             raise RuntimeError(f"Resume state '{path}' was written for a different config; delete it to start over.")
         self._restore_training_state(state)
