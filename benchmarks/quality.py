@@ -12,8 +12,8 @@ Every (dataset, variant, seed) goes through ``recbole_llm.quick_start.run_recbol
 (``-cpu`` or paper sizes) and the variant's overrides below. Each finished run is appended to
 ``benchmarks/results/quality-<mode>.jsonl``; a second invocation skips the runs already there, so an interrupted
 benchmark resumes, and the run that was in flight continues from its resume state (``--resume=True``: the epoch or
-alignment step it had reached, same results; its time is then partial and left out of ``time/run``). The table (mean ± sample std over seeds) goes to ``quality-<mode>.md`` and NDCG@10 to
-``quality-<mode>.png``.
+alignment step it had reached, same results; its time is then partial and left out of ``time/run``). The table
+(mean ± sample std over seeds) goes to ``quality-<mode>.md`` and NDCG@10 to ``quality-<mode>.png``.
 """
 
 import argparse
@@ -276,11 +276,23 @@ def claims(table):
     return lines
 
 
+def _by_seed(row, key):
+    return {r["seed"]: r["test"][key] for r in row["ok"] if key in r.get("test", {})}
+
+
 def _claim_line(dataset, row, base, what):
+    """The comparison on the seeds both rows have: a one-seed row against a 3-seed mean would compare one
+    draw with the average of others."""
     label, base_label = row["variant"].label, base["variant"].label
-    if not row["ok"] or not base["ok"]:
-        return f"- {dataset}: {label} {what} ({base_label}): not measured"
-    a, b = _values(row, "ndcg@10"), _values(base, "ndcg@10")
+    by_seed, base_by_seed = _by_seed(row, "ndcg@10"), _by_seed(base, "ndcg@10")
+    seeds = sorted(set(by_seed) & set(base_by_seed))
+    if not seeds:
+        return f"- {dataset}: {label} {what} ({base_label}): not measured" + \
+            (" on a common seed" if by_seed and base_by_seed else "")
+    a, b = [by_seed[s] for s in seeds], [base_by_seed[s] for s in seeds]
+    plural = len(seeds) > 1
+    matched = "" if set(by_seed) == set(base_by_seed) else \
+        f"on seed{'s' * plural} {', '.join(map(str, seeds))} only (both rows have {'them' if plural else 'it'}); "
     mean_a, std_a = common.mean_std(a)
     mean_b, std_b = common.mean_std(b)
     delta = mean_a - mean_b
@@ -294,7 +306,7 @@ def _claim_line(dataset, row, base, what):
         qualifier = "difference larger than the seed spread"
     rel = f"{100 * delta / mean_b:+.1f}%" if mean_b else "n/a"
     return (f"- {dataset}: {label} {what} ({base_label}): **{verdict}** (NDCG@10 {mean_a:.4f} vs {mean_b:.4f}, "
-            f"{delta:+.4f}, {rel}; {qualifier})")
+            f"{delta:+.4f}, {rel}; {matched}{qualifier})")
 
 
 def render(table, mode, env, command, started, finished, loads, settings_notes):

@@ -61,6 +61,7 @@ def test_quick_quality_writes_table_and_resumes(tmp_path):
 def _record(dataset, variant, seed, ndcg, status="ok"):
     v = {x.id: x for x in quality.variants("cpu")}[variant]
     return {"run_id": f"{dataset}|{variant}|seed={seed}", "status": status, "label": v.label, "log": "x.log",
+            "seed": seed,
             "test": {"recall@10": ndcg * 2, "ndcg@10": ndcg, "mrr@10": ndcg / 2}, "wall_s": 10.0,
             "peak_rss_mib": 100.0, "returncode": 1, "error": "Traceback\nValueError: boom"}
 
@@ -84,6 +85,15 @@ def test_aggregate_claims_and_render():
     lines = quality.claims(table)
     seralm = next(line for line in lines if "SASRecSeRALM" in line)
     assert "**does not hold**" in seralm and "0.0420 vs 0.0510" in seralm and "larger than the seed spread" in seralm
+    assert "seeds 1, 2" not in seralm and "only" not in seralm  # both rows have the same seeds
+
+    # A row with fewer seeds is compared on the seeds both have, not with the base's mean over all of them:
+    # 0.0505 is below SASRec's mean (0.0510) but above SASRec's seed 1 (0.0500).
+    runs_aligned = runs + _runs("ml-100k", ["SASRecSeRALM-aligned"], [1, 2])
+    partial = quality.claims(quality.aggregate(records + [_record("ml-100k", "SASRecSeRALM-aligned", 1, 0.0505)],
+                                               runs_aligned))
+    aligned = next(line for line in partial if "aligned" in line)
+    assert "**holds**" in aligned and "0.0505 vs 0.0500" in aligned and "on seed 1 only (both rows have it)" in aligned
     laser = next(line for line in lines if "Laser beats" in line)
     assert "**holds**" in laser and "beats 2/2" in laser
     env = {k: "x" for k in ("cpu", "cores", "usable_cores", "memory_gib", "gpu", "os", "python", "torch", "recbole",
