@@ -117,6 +117,12 @@ class Config(RecBoleConfig):
                 and self.internal_config_dict.get("MODEL_TYPE") == ModelType.SEQUENTIAL):
             final["train_neg_sample_args"] = None
         super()._set_default_parameters()
+        # A plugin model that declares input_type for RecBole's own Config (PAUP) but also trains with BPR:
+        # pairwise data then, as RecBole would pick from loss_type.
+        if getattr(self.model_class, "input_type_follows_loss_type", False) and final.get("loss_type") == "BPR":
+            from recbole.utils import InputType
+
+            final["MODEL_INPUT_TYPE"] = InputType.PAIRWISE
 
     def _init_device(self):
         final = self.final_config_dict

@@ -14,6 +14,7 @@ PLUGIN_MODELS = {
 
 # model name -> (module, trainer class name)
 PLUGIN_TRAINERS = {
+    "PAUP": ("recbole_llm.trainer.safe", "SafeTrainer"),
     "Laser": ("recbole_llm.trainer.laser_trainer", "LaserTrainer"),
     "CaserSeRALM": ("recbole_llm.trainer.alignment_trainer", "AlignmentTrainer"),
     "SASRecSeRALM": ("recbole_llm.trainer.alignment_trainer", "AlignmentTrainer"),

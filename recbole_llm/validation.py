@@ -93,11 +93,39 @@ def known_keys():
     return frozenset(keys)
 
 
+def _samples_negatives(value):
+    """True when a ``train_neg_sample_args`` value (raw or as RecBole normalises it) turns sampling on."""
+    if value is None or value == "None":
+        return False
+    distribution = value.get("distribution") if isinstance(value, dict) else value
+    return distribution not in (None, "none", "None")
+
+
+def check_softmax_training(config, model_name, softmax_loss=True):
+    """Refuse negative sampling for a model whose loss is a softmax over all items.
+
+    RecBole's TrainDataLoader turns sampling into extra rows with label 0, and these models read every row's item
+    as the next item, so sampled negatives would silently train as positives. RecBole raises for its own
+    CE-loss models; models that declare ``input_type`` skip that check, so the plugin's models make it here.
+    """
+    from recbole_llm.config import config_get
+
+    value = config_get(config, "train_neg_sample_args")
+    if softmax_loss and _samples_negatives(value):
+        raise ConfigError(
+            f"{model_name} trains with a softmax over all items, so train_neg_sample_args must be None (~); got "
+            f"{value!r}. RecBole's own Config starts from its default uniform sampling: pass "
+            f"train_neg_sample_args: None, as RecBole asks for SASRec, or run through recbole_llm "
+            f"(run_recbole_llm.py, recbole_llm.Config), which applies the model YAML's ~.")
+
+
 def validate_config(config):
     """Raise ConfigError for unknown user keys (plugin models only) and out-of-range values."""
     from recbole_llm.registry import PLUGIN_MODELS
 
     final = config.final_config_dict
+    if config["model"] in PLUGIN_MODELS:
+        check_softmax_training(config, config["model"], softmax_loss=final.get("loss_type", "CE") == "CE")
     if config["model"] in PLUGIN_MODELS and not final.get("allow_unknown_keys"):
         known = known_keys()
         unknown = sorted(k for k in config.external_config_dict if k not in known)

@@ -5,6 +5,7 @@ import functools
 import os
 
 import torch
+from recbole.trainer import Trainer
 from recbole.utils import set_color
 from torch.nn.parallel import DistributedDataParallel
 
@@ -186,3 +187,8 @@ def safe_trainer_class(base):
     if issubclass(base, SafeCheckpointMixin):
         return base
     return type(f"Safe{base.__name__}", (SafeCheckpointMixin, base), {"__module__": __name__})
+
+
+# RecBole's Trainer with safe checkpoints, registered for plugin models that train the RecBole way (PAUP), so that a
+# stock ``run_recbole`` writes checkpoints that ``load_data_and_model`` reads with ``weights_only=True``.
+SafeTrainer = safe_trainer_class(Trainer)

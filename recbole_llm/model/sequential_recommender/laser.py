@@ -33,6 +33,7 @@ from recbole_llm.llm.encode import hidden_states_from_embeds, last_hidden_from_e
 from recbole_llm.llm.loader import hidden_size, input_embeddings, load_causal_lm
 from recbole_llm.model.frozen_sr import load_frozen_sr
 from recbole_llm.model.sequential_recommender.mformer import LinearPrefix, MFormer
+from recbole_llm.validation import check_softmax_training
 
 USER_INSTRUCTION = ("You are an intelligent recommendation assistant. Please summarize the user's characteristics "
                     "into a single token based on the browsing history. In chronological order, the user has "
@@ -62,6 +63,7 @@ class Laser(SequentialRecommender):
 
     def __init__(self, config, dataset):
         apply_plugin_defaults(config, "Laser")  # stock RecBole Config does not know the plugin YAML
+        check_softmax_training(config, "Laser")  # IIC is a softmax over all items
         super().__init__(config, dataset)
         self.temperature = config["temperature"]
         self.lb_weight = config["lb_weight"]

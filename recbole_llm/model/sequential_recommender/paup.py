@@ -45,9 +45,12 @@ import torch.nn.functional as F
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.model.layers import FeedForward
 from recbole.model.loss import BPRLoss
+from recbole.utils import InputType
 from torch import nn
 
 from recbole_llm.config import apply_plugin_defaults
+from recbole_llm.errors import ConfigError
+from recbole_llm.validation import check_softmax_training
 
 
 def segment_geometry(max_seq_length, kernel_size, seg_num):
@@ -214,8 +217,19 @@ class PAUP(SequentialRecommender):
     ``hidden_size``) and ``candidate_item_embeddings`` (the vectors scored against the sequence output).
     """
 
+    # RecBole's own Config reads input_type from the class, or else needs loss_type, which it cannot know for a
+    # plugin model (its YAML is applied at model init). CE = pointwise; the plugin Config switches to pairwise
+    # data when loss_type is BPR (``input_type_follows_loss_type``).
+    input_type = InputType.POINTWISE
+    input_type_follows_loss_type = True
+
     def __init__(self, config, dataset):
         apply_plugin_defaults(config, "PAUP")  # stock RecBole Config does not know the plugin YAML
+        check_softmax_training(config, type(self).__name__, softmax_loss=config["loss_type"] == "CE")
+        if config["loss_type"] == "BPR" and config["MODEL_INPUT_TYPE"] != InputType.PAIRWISE:
+            raise ConfigError(f"{type(self).__name__} with loss_type BPR needs pairwise training data, which RecBole's "
+                              "own Config cannot know to build for a plugin model: run it through recbole_llm "
+                              "(run_recbole_llm.py or recbole_llm.Config).")
         super(PAUP, self).__init__(config, dataset)
 
         self.n_layers = config["n_layers"]

@@ -35,6 +35,7 @@ from recbole.model.sequential_recommender.sasrec import SASRec
 
 from recbole_llm.config import apply_plugin_defaults, config_get
 from recbole_llm.model.sequential_recommender.paup import PAUP
+from recbole_llm.validation import check_softmax_training
 
 
 class KnowledgeItemEmbedding(nn.Module):
@@ -107,6 +108,7 @@ class SeRALMMixin:
 
     def __init__(self, config, dataset):
         apply_plugin_defaults(config, type(self).__name__)  # stock RecBole Config does not know the plugin YAML
+        check_softmax_training(config, type(self).__name__)  # always CE, whatever loss_type says (checked below)
         super().__init__(config, dataset)
         if self.loss_type != "CE":
             raise ValueError(f"{type(self).__name__} needs loss_type: CE (log p(y|x, s) is a softmax over all items); "
