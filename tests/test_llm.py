@@ -429,3 +429,16 @@ def test_chat_prompts_do_not_get_a_second_bos():
     assert item["prompt_ids"][0] == bos and item["prompt_ids"][1] != bos
     plain = generate_with_ids(model, tokenizer, ["lab kit"], max_new_tokens=2, progress=False)[0]
     assert plain["prompt_ids"][0] == bos  # plain prompts still get the tokenizer's BOS
+
+
+def test_sampling_draws_from_the_full_distribution_not_the_top_50(llm):
+    """transformers fills an unset top_k with 50; the alignment's p(s|x) is the untruncated softmax."""
+    model, tokenizer = llm
+    prompt = build_chat_prompts(tokenizer, ["describe glass beaker"])
+    with torch.no_grad():
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        top50 = set(model(**ids).logits[0, -1].topk(50).indices.tolist())
+    out = generate_with_ids(model, tokenizer, prompt * 512, max_new_tokens=1, do_sample=True, repetition_penalty=1.0,
+                            batch_size=512, seed=0, progress=False)
+    drawn = {int(r["gen_ids"][0]) for r in out}
+    assert drawn - top50, f"{len(drawn)} distinct first tokens, all among the 50 most likely"

@@ -70,7 +70,9 @@ def generate_with_ids(model, tokenizer, prompts, max_new_tokens=64, batch_size=3
     options = dict(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty, do_sample=do_sample,
                    pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(stop_ids) or None)
     if do_sample:
-        options.update(temperature=temperature, top_p=top_p)
+        # top_k=0: transformers fills an unset top_k with 50, which would truncate p(s|x); the alignment scores
+        # samples under the full softmax, so they must come from it (only temperature/top_p shape it, on request).
+        options.update(temperature=temperature, top_p=top_p, top_k=0)
     else:  # neutralise sampling fields that a model's generation_config may set, to keep greedy silent
         options.update(temperature=None, top_p=None, top_k=None)
     special = _add_special_tokens(tokenizer, prompts)
