@@ -64,6 +64,20 @@ RANGES = {
     "train_batch_size": POSITIVE_INT,
 }
 
+# key -> allowed values of the plugin's string switches (checked here so a typo stops the run before any file is
+# written; the models check again for configs built elsewhere).
+CHOICES = {
+    "pooling": ("suffix", "mean", "eos"),
+    "template": ("default", "no_single_token", "no_instruction", "item_instruction"),
+    "suffix_init": ("random", "eos"),
+    "no_mformer_prefix": ("learned", "linear"),
+    "router_gradient": ("gate", "lb_only"),
+    "frozen_sr_model": ("BERT4Rec", "SASRec"),
+    "knowledge_source": ("llm", "item_text", "checkpoint"),
+    "generator_mode": ("sync", "ray"),
+    "kl_estimator": ("k1", "k2", "k3"),
+}
+
 
 @functools.lru_cache(maxsize=1)
 def known_keys():
@@ -138,6 +152,11 @@ def validate_config(config):
                 f"Unknown config key(s) for {config['model']}: {', '.join(hints)}. Keys are documented in "
                 f"recbole_llm/properties/model/{config['model']}.yaml; set allow_unknown_keys: True to pass "
                 f"custom keys.")
+    if config["model"] in PLUGIN_MODELS:
+        for key, allowed in CHOICES.items():
+            value = final.get(key)
+            if value is not None and value not in allowed:
+                raise ConfigError(f"Config key '{key}' = {value!r} is not one of {', '.join(map(repr, allowed))}.")
     for key, (predicate, expected) in RANGES.items():
         value = final.get(key)
         if value is not None and not predicate(value):

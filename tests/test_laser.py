@@ -304,6 +304,8 @@ def test_resume_from_stage1_checkpoint_moves_on_to_stage2(root):
 ABLATIONS = [
     {"use_moe": False},
     {"use_mformer": False},
+    {"use_mformer": False, "no_mformer_prefix": "linear"},
+    {"suffix_init": "eos"},
     {"use_prefix": False},
     {"pooling": "mean"},
     {"pooling": "eos"},
@@ -330,6 +332,15 @@ def test_each_ablation_builds_and_trains(root, switch):
     assert changed
     if switch.get("use_prefix") is False:
         assert model.prefix_module is None
+    if switch.get("use_mformer") is False:
+        from recbole_llm.model.sequential_recommender.mformer import LearnedPrefix, LinearPrefix
+
+        expected = LinearPrefix if switch.get("no_mformer_prefix") == "linear" else LearnedPrefix
+        assert type(model.prefix_module) is expected
+        collab, mask = torch.randn(2, 3, model.frozen_sr.hidden_size), torch.ones(2, 3, dtype=torch.bool)
+        prefix = model.prefix_module(collab, mask)[0]
+        # learned: no ID information, the same tokens for every user; linear: one projection per user state
+        assert torch.equal(prefix[0], prefix[1]) == (expected is LearnedPrefix)
     if switch.get("use_moe") is False:
         assert model.prefix_module.n_experts == 1
     if switch.get("pooling") in ("mean", "eos"):
@@ -388,3 +399,52 @@ def test_stage2_never_ends_worse_than_the_best_stage1_state(root):
     checkpoint = torch.load(trainer.saved_model_file, weights_only=True)
     # the best checkpoint is the stage-2 starting point: best stage-1 weights, stage 2, resumable in stage 2
     assert checkpoint["epoch"] == 0 and checkpoint["laser_stage"] == 2 and checkpoint["best_valid_score"] == 0.5
+
+
+# ------------------------------------------------------------------------------------- paper choices
+def test_suffix_starts_random_as_the_paper_says_or_from_eos_on_request(root, built):
+    from recbole_llm.llm.loader import input_embeddings
+
+    model = built[1]
+    table = input_embeddings(model.llm).weight.detach().float()
+    eos = table[model.tokenizer.eos_token_id]
+    assert not torch.allclose(model.suffix.detach(), eos)
+    assert model.suffix.detach().std().item() == pytest.approx(table.std().item(), rel=0.5)  # on a token's scale
+    eos_model = H.build(root, suffix_init="eos")[1]
+    assert torch.equal(eos_model.suffix.detach(), eos)
+
+
+def test_load_state_dict_invalidates_the_cached_item_matrix(built):
+    model = built[1]
+    model.refresh_item_matrix(force=True)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["suffix"] = state["suffix"] + 1.0
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    assert model.refresh_item_matrix() is True  # recomputed: the old matrix belongs to the old weights
+    model.load_state_dict(original)  # the module's shared model, as it was
+
+
+def test_remote_code_llm_is_refused_with_a_clear_error():
+    from recbole_llm.errors import ConfigError
+    from recbole_llm.model.sequential_recommender.laser import _require_native_backbone
+
+    remote = type("ChatGLMForConditionalGeneration", (), {"__module__": "transformers_modules.chatglm2.modeling"})
+    with pytest.raises(ConfigError, match="transformers-native decoder"):
+        _require_native_backbone(remote(), "/models/chatglm2-6b")
+
+
+def test_paper_defaults_never_early_stop_inside_a_stage_and_bad_choices_fail_at_config(root):
+    from recbole_llm.config import Config
+    from recbole_llm.errors import ConfigError
+
+    config = Config(model="Laser", dataset="tiny-laser", config_dict=H.tiny_config_dict(root))
+    assert config["suffix_init"] == "random" and config["no_mformer_prefix"] == "learned"
+    with pytest.raises(ConfigError, match="'suffix_init' = 'zeros' is not one of"):
+        Config(model="Laser", dataset="tiny-laser", config_dict=H.tiny_config_dict(root, suffix_init="zeros"))
+    from recbole_llm.config import plugin_model_yaml
+    import yaml
+
+    with open(plugin_model_yaml("Laser")) as f:
+        defaults = yaml.safe_load(f)
+    assert defaults["stopping_step"] >= defaults["stage1_epochs"]

@@ -11,7 +11,16 @@ Choices where the paper is silent:
   tokenising the full string, nothing else changes.
 - IIC scores h_u against the item matrix of the current epoch start (no grad), as the paper trains "on I";
   ``iic_positive_grad: True`` additionally re-encodes the positive item with grad (its logit replaced).
-- The suffix starts as the LLM's [EOS] embedding (a token that already ends a text); the paper does not say.
+- The suffix is drawn at random (paper 4.1.2: "The other trainable modules are all randomly initialized"), from
+  N(0, sigma^2) with sigma the std of the LLM's token embeddings, so it starts on the scale of a real token;
+  ``suffix_init: eos`` starts it from the [EOS] embedding instead.
+- "w/o M-Former" (Table 4) keeps L prefix tokens but gives them no ID-based information: they are learned free
+  vectors (plain prefix tuning), our reading of "the importance of using ID-based collaborative information".
+  ``no_mformer_prefix: linear`` maps the SR's user state linearly instead (the CoLLM-style projection the paper
+  argues against).
+- The LLM's backbone must take ``inputs_embeds`` in [batch, seq, hidden] (transformers-native decoders); remote
+  code models such as ChatGLM2, which the paper used, need input_ids and a [seq, batch] layout, so they are
+  refused with a clear error rather than misread.
 - Padding item 0 is excluded from the IIC softmax (it is not an item).
 - The LLM and the frozen SR are left out of ``state_dict()`` (they are never trained); a reload rebuilds
   them from ``llm_path`` and the SR checkpoint/cache.
@@ -32,7 +41,8 @@ from recbole_llm.faults import kill_point
 from recbole_llm.llm.encode import hidden_states_from_embeds, last_hidden_from_embeds
 from recbole_llm.llm.loader import hidden_size, input_embeddings, load_causal_lm
 from recbole_llm.model.frozen_sr import load_frozen_sr
-from recbole_llm.model.sequential_recommender.mformer import LinearPrefix, MFormer
+from recbole_llm.errors import ConfigError
+from recbole_llm.model.sequential_recommender.mformer import LearnedPrefix, LinearPrefix, MFormer
 from recbole_llm.validation import check_softmax_training
 
 USER_INSTRUCTION = ("You are an intelligent recommendation assistant. Please summarize the user's characteristics "
@@ -47,6 +57,8 @@ TEMPLATES = {
     "no_instruction": ("", ""),
     "item_instruction": (USER_INSTRUCTION, ITEM_INSTRUCTION),
 }
+SUFFIX_INITS = ("random", "eos")
+NO_MFORMER_PREFIXES = ("learned", "linear")
 POOLINGS = ("suffix", "mean", "eos")
 FROZEN_PREFIXES = ("llm.", "frozen_sr.")
 
@@ -75,21 +87,30 @@ class Laser(SequentialRecommender):
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if config["template"] not in TEMPLATES:
             raise ValueError(f"template must be one of {sorted(TEMPLATES)}, got {config['template']!r}")
+        for key, allowed in (("suffix_init", SUFFIX_INITS), ("no_mformer_prefix", NO_MFORMER_PREFIXES)):
+            if config[key] not in allowed:
+                raise ConfigError(f"{key} must be one of {allowed}, got {config[key]!r}")
 
         # frozen parts
         self.llm, self.tokenizer = load_causal_lm(config["llm_path"], device=self.device, dtype=config["llm_dtype"],
                                                   num_layers=config["llm_num_layers"],
                                                   trust_remote_code=config["llm_trust_remote_code"])
+        _require_native_backbone(self.llm, config["llm_path"])
         self.llm_size = hidden_size(self.llm)
         self.llm_dtype = next(self.llm.parameters()).dtype
         self.frozen_sr = load_frozen_sr(config, dataset).to(self.device)
 
         # trainable parts: prefix generator and suffix
-        self.prefix_module = self._build_prefix_module(config) if self.use_prefix else None
+        token_table = input_embeddings(self.llm).weight.detach()
+        token_std = float(token_table.float().std())
+        self.prefix_module = self._build_prefix_module(config, token_std) if self.use_prefix else None
         eos = self.tokenizer.eos_token_id
         self.register_buffer("eos_ids", torch.tensor([eos], dtype=torch.long), persistent=False)
         if self.pooling == "suffix":
-            start = input_embeddings(self.llm).weight[eos].detach().float().clone()
+            if config["suffix_init"] == "eos":
+                start = token_table[eos].float().clone()
+            else:
+                start = torch.randn(self.llm_size, device=token_table.device) * token_std
             self.suffix = nn.Parameter(start)
 
         self._tokenise_pieces(config, dataset)
@@ -103,10 +124,12 @@ class Laser(SequentialRecommender):
         self._log_parameter_counts()
 
     # ------------------------------------------------------------------------------------------ building
-    def _build_prefix_module(self, config):
+    def _build_prefix_module(self, config, token_std):
         collab_size = self.frozen_sr.hidden_size
         if not config["use_mformer"]:
-            return LinearPrefix(collab_size, self.llm_size, config["n_query_tokens"])
+            if config["no_mformer_prefix"] == "linear":
+                return LinearPrefix(collab_size, self.llm_size, config["n_query_tokens"])
+            return LearnedPrefix(self.llm_size, config["n_query_tokens"], init_std=token_std)
         return MFormer(
             collab_size, self.llm_size,
             n_experts=config["n_experts"] if config["use_moe"] else 1,
@@ -158,6 +181,9 @@ class Laser(SequentialRecommender):
         if strict and (missing or result.unexpected_keys):
             raise RuntimeError(f"Laser.load_state_dict: missing keys {missing}, unexpected keys "
                                f"{result.unexpected_keys} (does the checkpoint match this config?)")
+        # New weights: a cached item matrix no longer matches them (load_other_parameter, which follows in a
+        # checkpoint reload, restores the matrix saved with these weights).
+        self.param_version += 1
         return result
 
     def mark_parameters_updated(self):
@@ -294,3 +320,14 @@ class Laser(SequentialRecommender):
         """Cosine of each user with every item of the cached item matrix: [B, n_items]."""
         user = self._user_embeddings_chunked(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
         return user @ self._require_item_matrix().t()
+
+
+def _require_native_backbone(llm, llm_path):
+    """Laser feeds inputs_embeds [batch, seq, hidden] to the backbone; remote-code models may not take them."""
+    module = type(llm).__module__
+    if not module.startswith("transformers."):
+        raise ConfigError(
+            f"Laser needs a transformers-native decoder LLM (Llama, Mistral, Qwen2, ...), whose backbone takes "
+            f"inputs_embeds in [batch, seq, hidden]; llm_path={llm_path!r} loads {type(llm).__name__} from remote "
+            f"code ({module}), which Laser cannot feed its prefix and suffix vectors to (ChatGLM2, for one, needs "
+            f"input_ids and a [seq, batch] layout). Point llm_path at a native decoder, e.g. Llama-2-7b-chat-hf.")

@@ -116,8 +116,22 @@ class MFormer(nn.Module):
         return self.projection(self.final_norm(queries)), lb_loss, chosen
 
 
+class LearnedPrefix(nn.Module):
+    """Ablation "w/o M-Former" (default reading): L free prefix vectors at the LLM width, the same for every user,
+    with no ID-based collaborative information (plain prefix tuning)."""
+
+    def __init__(self, llm_size, n_query_tokens, init_std=0.02):
+        super().__init__()
+        self.tokens = nn.Parameter(torch.randn(n_query_tokens, llm_size) * init_std)
+
+    def forward(self, collab, collab_mask):
+        batch = collab.size(0)
+        prefix = self.tokens.unsqueeze(0).expand(batch, -1, -1)
+        return prefix, prefix.new_zeros(()), torch.zeros(batch, dtype=torch.long, device=collab.device)
+
+
 class LinearPrefix(nn.Module):
-    """Ablation "w/o M-Former": the SR's user state (its state at the last real item) projected linearly
+    """Ablation "w/o M-Former" with ``no_mformer_prefix: linear``: the SR's user state (its state at the last real item) projected linearly
     to L prefix tokens, as the linear-projection baselines the paper compares against (CoLLM-style)."""
 
     def __init__(self, collab_size, llm_size, n_query_tokens):
