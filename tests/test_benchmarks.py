@@ -122,9 +122,12 @@ def test_failed_runs_are_listed_and_plot_is_written(tmp_path):
 
 def test_variants_and_selection():
     cpu = {v.id: v for v in quality.variants("cpu")}
-    assert cpu["Laser-no_mformer"].overrides == {"use_mformer": False}
-    assert cpu["Laser-no_prefix"].overrides == {"use_prefix": False}
-    assert cpu["Laser-no_stage1"].overrides == {"skip_stage1": True}
+    # CPU rows keep the settings they were measured with; --gpu runs the paper's defaults
+    assert cpu["Laser-no_mformer"].overrides == {"use_mformer": False, "suffix_init": "eos", "no_mformer_prefix": "linear"}
+    assert cpu["Laser-no_prefix"].overrides == {"use_prefix": False, "suffix_init": "eos"}
+    assert cpu["Laser-no_stage1"].overrides == {"skip_stage1": True, "suffix_init": "eos"}
+    gpu = {v.id: v for v in quality.variants("gpu")}
+    assert gpu["Laser"].overrides == {} and gpu["Laser-no_mformer"].overrides == {"use_mformer": False}
     for base in quality.SERALM_BASES:
         assert cpu[f"{base}SeRALM-NA"].overrides["alignment"] is False
         assert cpu[f"{base}SeRALM-aligned"].overrides["alignment"] is True
