@@ -100,7 +100,7 @@ def test_aggregate_claims_and_render():
                             "transformers", "peft", "recbole_llm", "git_commit")}
     text = quality.render(table, "cpu", env, "python benchmarks/quality.py", "t0", "t1", [[1, 1, 1], [2, 2, 2]], [])
     assert "| SASRec | 0.1020 ± 0.0028 | 0.0510 ± 0.0014 | 0.0255 ± 0.0007 | 2 | 10 | 100 |" in text
-    assert "| Laser | 0.1200 | 0.0600 | 0.0300 | 1 (1 not run) |" in text
+    assert "| Laser (suffix from [EOS]) | 0.1200 | 0.0600 | 0.0300 | 1 (1 not run) |" in text
 
     records[1] = dict(records[1], resumed=True, wall_s=3.0)  # continued a killed attempt: its time is partial
     text = quality.render(quality.aggregate(records, runs), "cpu", env, "cmd", "t0", "t1", [None, None], [])
