@@ -283,3 +283,34 @@ def test_frozen_base_is_the_variants_base_trained_once_and_cached(tmp_path):
     with pytest.raises(FileNotFoundError, match="frozen_base_checkpoint"):
         load_frozen_base(missing, dataset)
     assert base_model_name(tiny_config("LightSANsSeRALM", tmp_path)) == "LightSANs"
+
+
+def test_alignment_with_a_trained_text_encoder_is_refused(tmp_path, shared_knowledge):
+    from recbole_llm.errors import ConfigError
+    from recbole_llm.trainer.alignment_trainer import AlignmentTrainer
+
+    config = tiny_config("SASRecSeRALM", tmp_path, knowledge_cache_dir=shared_knowledge, train_text_encoder=True)
+    _, train, _, _ = tiny_data(config)
+    with pytest.raises(ConfigError, match="train_text_encoder: False"):
+        AlignmentTrainer(config, tiny_model(config, train))
+
+
+def test_ray_generator_shares_the_trainers_gpu_and_dtype_by_default(tmp_path, shared_knowledge, monkeypatch):
+    """Ray hides GPUs from an actor that reserves none; and the actor's original-LLM log-probs enter the KL, so
+    they must have the trainer's precision."""
+    from recbole_llm.trainer import alignment_trainer as module
+    from recbole_llm.trainer.generator import build_lora_llm
+
+    seen = {}
+    monkeypatch.setattr(module, "RayGenerator", lambda *args, **kwargs: seen.update(kwargs))
+    monkeypatch.setattr(module, "KnowledgeEncoder", lambda *args, **kwargs: None)
+    config = tiny_config("SASRecSeRALM", tmp_path, knowledge_cache_dir=shared_knowledge, generator_mode="ray")
+    assert config["generator_num_gpus"] is None  # the YAML default: auto
+    _, train, _, _ = tiny_data(config)
+    trainer = module.AlignmentTrainer(config, tiny_model(config, train))
+    trainer.llm, trainer.tokenizer = build_lora_llm(config, dtype=torch.bfloat16)
+    trainer.make_generator(train._dataset, frozen_base=None)
+    assert seen["num_gpus"] == 0 and seen["dtype"] == torch.bfloat16  # on the CPU: no GPU to share
+    trainer.device = torch.device("cuda")  # what a CUDA run has (nothing is moved in this test)
+    trainer.make_generator(train._dataset, frozen_base=None)
+    assert seen["num_gpus"] == 0.5

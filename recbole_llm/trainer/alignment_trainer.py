@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from recbole_llm.checkpoint import atomic_torch_save, load_checkpoint
 from recbole_llm.config import config_get
+from recbole_llm.errors import ConfigError
 from recbole_llm.faults import kill_point
 from recbole_llm.fileio import atomic_path
 from recbole_llm.trainer.alignment_loss import alignment_llm_loss, importance_weights
@@ -178,6 +179,12 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
         if self.generator_mode not in GENERATOR_MODES:
             raise ValueError(f"generator_mode must be one of {GENERATOR_MODES}, got {self.generator_mode!r}.")
         self.refresh_every = int(config_get(config, "refresh_every", 50))
+        if self.alignment and getattr(model, "train_text_encoder", False):
+            raise ConfigError(
+                "alignment: True with train_text_encoder: True is not supported: the generator encodes its samples "
+                "and the aligned knowledge with the original text encoder, while the model would re-encode its "
+                "texts with its own fine-tuned one, so the two would not describe items in the same space. Set "
+                "train_text_encoder: False (the default) for aligned runs.")
         self.llm = self.tokenizer = None
         self.adapter_version = None
         self.aligned = False
@@ -234,11 +241,16 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
         prompts = item_prompts(dataset, self.config, self.tokenizer)
         encode = KnowledgeEncoder(self.config, device=self.device)
         if self.generator_mode == "ray":
-            gpus = config_get(self.config, "generator_num_gpus", 0)
+            # ~ = share the trainer's GPU: Ray hides GPUs from an actor that reserves none, which would then
+            # sample on the CPU.
+            gpus = config_get(self.config, "generator_num_gpus")
+            if gpus is None:
+                gpus = 0.5 if self.device.type == "cuda" else 0
             return RayGenerator(self.config, prompts, self.model, frozen_base, encode, options, self.refresh_every,
                                 ray_address=config_get(self.config, "ray_address"),
                                 num_cpus=int(config_get(self.config, "generator_num_cpus", 1)), num_gpus=gpus,
-                                prefetch=int(config_get(self.config, "generator_prefetch", 2)))
+                                prefetch=int(config_get(self.config, "generator_prefetch", 2)),
+                                dtype=self.llm.get_input_embeddings().weight.dtype)
         return SyncGenerator(self.llm, self.tokenizer, prompts, self.model, frozen_base, encode, options,
                              self.refresh_every)
 

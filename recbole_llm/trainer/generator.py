@@ -54,14 +54,16 @@ def lora_config_from(config):
                       target_modules=list(targets), bias="none", task_type="CAUSAL_LM")
 
 
-def build_lora_llm(config, device=None):
+def build_lora_llm(config, device=None, dtype="auto"):
     """The frozen LLM of ``llm_path`` (bundled SmolLM2 when unset) with fresh LoRA adapters (B = 0, so
-    it starts identical to the original LLM); only the LoRA parameters are trainable."""
+    it starts identical to the original LLM); only the LoRA parameters are trainable. ``dtype`` of the base
+    weights: "auto" (bf16/fp16 on CUDA, fp32 on CPU) or a torch dtype."""
     from peft import get_peft_model
 
     from recbole_llm.llm.loader import load_causal_lm
 
-    llm, tokenizer = load_causal_lm(config_get(config, "llm_path"), device=device, num_layers=config_get(config, "llm_num_layers"),
+    llm, tokenizer = load_causal_lm(config_get(config, "llm_path"), device=device, dtype=dtype,
+                                    num_layers=config_get(config, "llm_num_layers"),
                                     trust_remote_code=bool(config_get(config, "llm_trust_remote_code", False)))
     seed = int(config_get(config, "seed", 0))
     with torch.random.fork_rng(devices=[]):
@@ -356,9 +358,11 @@ class SyncGenerator(GeneratorJob):
 class _GeneratorActor:
     """Body of the Ray actor: builds its own LoRA LLM from the config, holds the recommenders."""
 
-    def __init__(self, config, prompts, recommender, frozen_base, encode, options, num_threads):
+    def __init__(self, config, prompts, recommender, frozen_base, encode, options, num_threads, dtype="auto"):
         torch.set_num_threads(max(1, int(num_threads)))
-        llm, tokenizer = build_lora_llm(config, device="cuda" if torch.cuda.is_available() else "cpu")
+        # The trainer's dtype: the original LLM's log-probs computed here enter the KL against the trainer's, so
+        # a precision gap (fp32 actor vs bf16 trainer) would read as divergence even at identical weights.
+        llm, tokenizer = build_lora_llm(config, device="cuda" if torch.cuda.is_available() else "cpu", dtype=dtype)
         device = next(llm.parameters()).device
         recommender.to(device)
         frozen_base.to(device)
@@ -382,7 +386,7 @@ class RayGenerator(GeneratorJob):
     refresh_every + prefetch steps, the price of never waiting)."""
 
     def __init__(self, config, prompts, recommender, frozen_base, encode, options, refresh_every,
-                 ray_address=None, num_cpus=1, num_gpus=0, prefetch=2):
+                 ray_address=None, num_cpus=1, num_gpus=0, prefetch=2, dtype="auto"):
         super().__init__(refresh_every)
         import ray
 
@@ -398,7 +402,7 @@ class RayGenerator(GeneratorJob):
         actor_class = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(_GeneratorActor)
         # The actor gets its own copies (pickled once); afterwards only state dicts travel.
         self.actor = actor_class.remote(config, list(prompts), copy.deepcopy(recommender).cpu(),
-                                        copy.deepcopy(frozen_base).cpu(), encode, dict(options), num_cpus)
+                                        copy.deepcopy(frozen_base).cpu(), encode, dict(options), num_cpus, dtype)
         self.prefetch = int(prefetch)
         self.futures = deque()
 
