@@ -155,3 +155,19 @@ def test_cli_rejects_unknown_model_and_dataset(tmp_path):
     assert proc.returncode != 0 and "NoSuchModel" in proc.stderr and "Traceback" not in proc.stderr
     proc = _cli("--model=SASRec", "--dataset=no-such-data", cwd=str(tmp_path))
     assert proc.returncode != 0 and "no-such-data" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("model, sampled", [("BPR", True), ("SASRec", False)])
+def test_dataset_yaml_keeps_pairwise_sampling_for_bpr(model, sampled):
+    # The dataset YAML the CLI puts first once set train_neg_sample_args: ~ for every model, so BPR got no
+    # negatives and crashed on 'neg_item_id' (found by review). CE sequential models still get none.
+    from recbole_llm.data.locate import default_config_files
+
+    files = default_config_files(model, "ml-100k", "none")
+    assert files and files[0].endswith(os.path.join("properties", "dataset", "ml-100k.yaml"))
+    config = Config(model=model, dataset="ml-100k", config_file_list=files, cmd_args=[])
+    args = config["train_neg_sample_args"]
+    if sampled:
+        assert args["distribution"] == "uniform" and args["sample_num"] >= 1
+    else:
+        assert args is None or args.get("distribution") == "none"
