@@ -314,3 +314,27 @@ def test_ray_generator_shares_the_trainers_gpu_and_dtype_by_default(tmp_path, sh
     trainer.device = torch.device("cuda")  # what a CUDA run has (nothing is moved in this test)
     trainer.make_generator(train._dataset, frozen_base=None)
     assert seen["num_gpus"] == 0.5
+
+
+def test_each_instance_is_scored_with_its_own_samples_only(tmp_path, shared_knowledge):
+    """Eq. 6 is per instance: another row's sampled text (of a candidate every row scores) must not move it."""
+    from recbole_llm.trainer.generator import per_instance_log_prob, select_history_items
+
+    config = tiny_config("SASRecSeRALM", tmp_path, knowledge_cache_dir=shared_knowledge)
+    _, train, _, _ = tiny_data(config)
+    model = tiny_model(config, train).eval()
+    batch = next(iter(train))
+    items = select_history_items(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN], 1)
+    a, b = next((r, s) for r in range(len(items)) for s in range(len(items)) if items[r] and items[s]
+                and items[r] != items[s])
+    sub = batch[torch.tensor([a, b])]
+    width = model.knowledge_vectors.size(1)
+    torch.manual_seed(0)
+    vectors = {items[a][0]: torch.randn(width), items[b][0]: torch.randn(width)}
+    with torch.no_grad():
+        first = per_instance_log_prob(model, sub, [items[a], items[b]], vectors)
+        alone = model.target_log_prob(sub[torch.tensor([1])], knowledge_override={items[b][0]: vectors[items[b][0]]})
+        vectors[items[a][0]] = vectors[items[a][0]] * 10  # only row a's sample changes
+        second = per_instance_log_prob(model, sub, [items[a], items[b]], vectors)
+    assert second[1] == pytest.approx(first[1].item(), abs=1e-6) and first[1] == pytest.approx(alone.item(), abs=1e-6)
+    assert second[0] != pytest.approx(first[0].item(), abs=1e-6)  # row a does see its own sample

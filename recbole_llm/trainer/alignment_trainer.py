@@ -63,7 +63,9 @@ from recbole_llm.trainer.generator import (
     RayGenerator,
     SyncGenerator,
     build_lora_llm,
+    by_sampled_items,
     generator_options,
+    instance_items_from,
     item_prompts,
     load_lora_state,
     lora_state,
@@ -339,13 +341,19 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
         from recbole_llm.llm.generate import sequence_logprobs
 
         interaction = interaction.to(self.device)
-        # Line 5 / Eq. 9: the recommender maximises log p(y|x,s) with the sampled knowledge as input.
+        # Line 5 / Eq. 9: the recommender maximises log p(y|x,s) with each instance's own sampled knowledge as
+        # input; rows that sampled the same items share one pass, weighted so the sum is the batch mean.
         self.model.train()
-        override = {item: sample["knowledge"][u].to(self.device) for u, item in enumerate(sample["items"])}
+        by_item = {item: sample["knowledge"][u].to(self.device) for u, item in enumerate(sample["items"])}
+        instance_items = instance_items_from(sample["membership"], sample["items"])
         self.optimizer.zero_grad()
-        rec_loss = self.model.calculate_loss(interaction, knowledge_override=override)
-        if isinstance(rec_loss, tuple):
-            rec_loss = sum(rec_loss)
+        rec_loss = 0.0
+        for items, rows in by_sampled_items(instance_items):
+            index = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+            loss = self.model.calculate_loss(interaction[index], knowledge_override={i: by_item[i] for i in items})
+            if isinstance(loss, tuple):
+                loss = sum(loss)
+            rec_loss = rec_loss + loss * (len(rows) / len(instance_items))
         self._check_nan(rec_loss)
         rec_loss.backward()
         if self.clip_grad_norm:

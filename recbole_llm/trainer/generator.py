@@ -12,8 +12,10 @@ generator this is Algorithm 1 exactly.
 Which items get sampled knowledge: the paper samples "one s from p(s|x)" where x is the history; we
 sample one text for each of the ``align_history_items`` most recent history items of every instance
 (default 1: the last item). Instances of a batch that share an item share that item's sample (one draw
-per distinct item and batch), so the recommender can take the sampled vectors as one batch override;
-log p(s|x) of an instance is the sum over its items' texts.
+per distinct item and batch); log p(s|x) of an instance is the sum over its items' texts. p(y|x,s) of an
+instance sees only its own samples (Eq. 6 is per instance: with one batch-wide override, another row's
+sample of the target or of a strong candidate would move this row's weight); rows that sampled the same
+items share one recommender pass (``by_sampled_items``).
 
 Two interchangeable jobs:
 - ``SyncGenerator``: same process, computes a batch when the trainer asks for it, with the snapshot
@@ -148,6 +150,29 @@ def select_history_items(item_seq, item_seq_len, count):
     return out
 
 
+def by_sampled_items(instance_items):
+    """Row indices grouped by the tuple of items each row sampled knowledge for, in first-seen order."""
+    groups = {}
+    for row, items in enumerate(instance_items):
+        groups.setdefault(tuple(items), []).append(row)
+    return list(groups.items())
+
+
+def instance_items_from(membership, items):
+    """Each row's sampled items, from a membership matrix [B, U] over ``items`` (length U)."""
+    return [[items[u] for u in row.nonzero().flatten().tolist()] for row in membership]
+
+
+def per_instance_log_prob(recommender, interaction, instance_items, vectors_by_item):
+    """log p(y_b | x_b, s_b) [B]: row b's target under the recommender with only b's own samples in place."""
+    out = torch.empty(len(instance_items), device=interaction[recommender.ITEM_SEQ].device)
+    for items, rows in by_sampled_items(instance_items):
+        index = torch.as_tensor(rows, dtype=torch.long, device=out.device)
+        override = {item: vectors_by_item[item] for item in items}
+        out[index] = recommender.target_log_prob(interaction[index], knowledge_override=override).float()
+    return out
+
+
 class KnowledgeEncoder:
     """texts -> sentence vectors [n, d_text] with the config's text encoder, exactly as the knowledge
     matrix is encoded (mean pooling, L2-normalised, ``knowledge_encoder_max_length``), without the disk
@@ -256,8 +281,8 @@ class GeneratorCore:
         self.llm.train(was_training)
         texts = [g["text"] for g in gens]
         vectors = self.encode(texts).float()
-        override = {item: vectors[u].to(device) for u, item in enumerate(unique)}
-        logp_s = rec.target_log_prob(interaction, knowledge_override=override)
+        by_item = {item: vectors[u].to(device) for u, item in enumerate(unique)}
+        logp_s = per_instance_log_prob(rec, interaction, instance_items, by_item)
         logp_base = base_log_prob(self.frozen_base, interaction)
         return {
             "items": unique,
