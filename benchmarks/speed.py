@@ -17,11 +17,15 @@ Sections (each in its own child process, whose peak RSS is reported; on CUDA als
   generate(); the pipeline may pass 1.0 because it encodes the prompts' shared prefix once per batch
   (``knowledge_shared_prefix``), which plain generate() cannot.
 - train: training samples/s of each model (optimizer steps on real batches of the training data, after a
-  warm-up step; Laser's item matrix is computed before the clock starts).
+  warm-up step; Laser's item matrix is computed before the clock starts); also with the data loader's batch
+  assembly and the copy to the device counted, as the trainer sees it.
 - eval: full-ranking test evaluation time (RecBole's evaluator, all users x all items) of each SeRALM variant
   against its base model; ratio = SeRALM / base (paper: about 1.2x).
 
-Timings: ``time.perf_counter`` around the step, warm-up excluded, ``--repeats`` repeats, min and median quoted.
+Timings: ``time.perf_counter`` around the step (CUDA synchronised), warm-up excluded, ``--repeats`` repeats, min
+and median quoted. A step and its ceiling alternate (A B, B A, ...) so that a change in machine load hits both
+sides of a pair alike; ratios are the median of the per-pair ratios. The CUDA peak is reset after set-up, so it
+is the peak during the measured steps (with the model's weights resident); RSS is the child's whole life.
 """
 
 import argparse
@@ -100,6 +104,14 @@ def _cuda_peak():
     return torch.cuda.max_memory_allocated() / 2 ** 20 if torch.cuda.is_available() else None
 
 
+def _reset_cuda_peak():
+    """Start the CUDA peak counter at the measured step (set-up, caches and warm-up are not in it)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
 def _summary(times):
     return {"min_s": min(times), "median_s": statistics.median(times), "runs": len(times)}
 
@@ -120,43 +132,47 @@ def section_refresh(spec):
         shapes.append((tuple(kwargs["inputs_embeds"].shape), kwargs["attention_mask"].detach().cpu().clone()))
 
     model.eval()
-    with torch.no_grad():  # warm-up: one batch of items, not timed
-        model.encode_items(torch.arange(1, min(model.n_items, 1 + model.encode_batch_size), device=device))
-    refresh_times = []
-    for repeat in range(spec["repeats"]):
-        handle = backbone.register_forward_pre_hook(record, with_kwargs=True) if repeat == 0 else None
-        _sync(device)
-        start = time.perf_counter()
-        model.refresh_item_matrix(force=True, show_progress=False)
-        _sync(device)
-        refresh_times.append(time.perf_counter() - start)
-        if handle is not None:
-            handle.remove()
+    # Untimed first refresh: records the backbone's batch shapes and warms every shape up.
+    handle = backbone.register_forward_pre_hook(record, with_kwargs=True)
+    model.refresh_item_matrix(force=True, show_progress=False)
+    handle.remove()
     n_items = model.n_items - 1
     dtype = next(model.llm.parameters()).dtype
-    backbone_times = []
-    generator = torch.Generator().manual_seed(0)
-    inputs = [(torch.randn(shape, generator=generator).to(device=device, dtype=dtype) * 0.02, mask.to(device))
-              for shape, mask in shapes]
+    masks = [mask.to(device) for _, mask in shapes]
+    # One random buffer of the largest batch, viewed per batch: the replay holds one batch of inputs at a time,
+    # as the refresh does (values do not matter for the timing).
+    largest = max(shape[0] * shape[1] * shape[2] for shape, _ in shapes)
+    buffer = torch.randn(largest, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype) * 0.02
+
+    def replay():
+        for (shape, _), mask in zip(shapes, masks):
+            embeds = buffer[:shape[0] * shape[1] * shape[2]].view(shape)
+            backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask),
+                     use_cache=False)
+
+    refresh_times, backbone_times = [], []
+    _reset_cuda_peak()
     with torch.no_grad():
-        embeds, mask = inputs[0]
-        backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False)
-        for _ in range(spec["repeats"]):
-            _sync(device)
-            start = time.perf_counter()
-            for embeds, mask in inputs:
-                backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask),
-                         use_cache=False)
-            _sync(device)
-            backbone_times.append(time.perf_counter() - start)
+        replay()  # warm-up of the replay path
+        # Interleaved, order alternating, so a change in machine load hits both sides of a pair alike.
+        for repeat in range(spec["repeats"]):
+            steps = [("refresh", lambda: model.refresh_item_matrix(force=True, show_progress=False)),
+                     ("backbone", replay)]
+            for name, step in steps if repeat % 2 == 0 else steps[::-1]:
+                _sync(device)
+                start = time.perf_counter()
+                step()
+                _sync(device)
+                (refresh_times if name == "refresh" else backbone_times).append(time.perf_counter() - start)
     lengths = [shape[1] for shape, _ in shapes]
     refresh, plain = _summary(refresh_times), _summary(backbone_times)
+    pair_ratios = [b / r for b, r in zip(backbone_times, refresh_times)]
     return {"items": n_items, "batches": len(shapes), "batch_size": max(s[0] for s, _ in shapes),
             "mean_T": sum(lengths) / len(lengths), "max_T": max(lengths),
             "llm_layers": int(model.llm.config.num_hidden_layers), "dtype": str(dtype).replace("torch.", ""),
             "refresh": refresh, "backbone": plain,
             "refresh_items_per_s": n_items / refresh["median_s"], "backbone_items_per_s": n_items / plain["median_s"],
-            "ratio": plain["median_s"] / refresh["median_s"], "cuda_peak_mib": _cuda_peak()}
+            "ratio": statistics.median(pair_ratios), "pair_ratios": pair_ratios, "cuda_peak_mib": _cuda_peak()}
 
 
 def section_generation(spec):
@@ -183,7 +199,6 @@ def section_generation(spec):
     count = min(spec["gen_items"], n)
     step = n / count
     chosen = sorted({1 + int(k * step) for k in range(count)})  # evenly spread over the item ids (all lengths)
-    others = [i for i in range(1, n + 1) if i not in set(chosen)]
     llm, tokenizer = load_knowledge_llm(config)
     settings = generation_settings(config)
     batch_size = int(config["knowledge_batch_size"])
@@ -208,30 +223,40 @@ def section_generation(spec):
             new_tokens += int((out[:, batch["input_ids"].size(1):] != tokenizer.pad_token_id).sum())
         return new_tokens
 
-    def pipeline():
+    def pipeline(items=chosen):
+        done = [i for i in range(1, n + 1) if i not in set(items)]
         with tempfile.TemporaryDirectory() as directory:
             config["knowledge_cache_dir"] = directory
             key, meta = knowledge_key(config["dataset"], source_texts, config)
-            # every other item is marked done, so the resumable pipeline generates exactly `chosen`
-            KnowledgeCache(directory, key, meta).append_batch(others, [""] * len(others))
+            # every other item is marked done, so the resumable pipeline generates exactly `items`
+            KnowledgeCache(directory, key, meta).append_batch(done, [""] * len(done))
             texts = generate_knowledge(dataset, config, llm=llm, tokenizer=tokenizer, progress=False)
         return texts
 
-    with torch.no_grad():  # warm-up
+    with torch.no_grad():  # warm-up of both paths (the pipeline's shared-prefix cache included)
         llm.generate(**tokenizer(batches[0][:2], padding=True, add_special_tokens=special,
                                  return_tensors="pt").to(device), **dict(options, max_new_tokens=2))
-    pipe_times, plain_times, tokens = [], [], 0
-    for _ in range(spec["repeats"]):  # A B A B: pairs see the same machine state
-        _sync(device)
-        start = time.perf_counter()
+    pipeline(order[:2])
+    _reset_cuda_peak()
+    pipe_times, plain_times, tokens, texts = [], [], 0, None
+
+    def timed_pipeline():
+        nonlocal texts
         texts = pipeline()
-        _sync(device)
-        pipe_times.append(time.perf_counter() - start)
-        start = time.perf_counter()
+
+    def timed_plain():
+        nonlocal tokens
         with torch.no_grad():
             tokens = plain()
-        _sync(device)
-        plain_times.append(time.perf_counter() - start)
+
+    for repeat in range(spec["repeats"]):  # A B, B A, ...: pairs see the same machine state, neither always first
+        steps = [(pipe_times, timed_pipeline), (plain_times, timed_plain)]
+        for times, step in steps if repeat % 2 == 0 else steps[::-1]:
+            _sync(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            times.append(time.perf_counter() - start)
     pipe, base = _summary(pipe_times), _summary(plain_times)
     prompt_lengths = [len(tokenizer(p, add_special_tokens=special)["input_ids"]) for b in batches for p in b]
     return {"items": len(chosen), "batch_size": batch_size, "batches": len(batches),
@@ -240,7 +265,8 @@ def section_generation(spec):
             "llm_layers": int(llm.config.num_hidden_layers),
             "example": next((texts[i] for i in chosen if texts[i]), ""),
             "pipeline": pipe, "plain": base, "pipeline_items_per_s": len(chosen) / pipe["median_s"],
-            "plain_items_per_s": len(chosen) / base["median_s"], "ratio": base["median_s"] / pipe["median_s"],
+            "plain_items_per_s": len(chosen) / base["median_s"],
+            "ratio": statistics.median([b / p for b, p in zip(plain_times, pipe_times)]),
             "cuda_peak_mib": _cuda_peak()}
 
 
@@ -255,9 +281,12 @@ def section_train(spec):
         model.refresh_item_matrix(show_progress=False)  # Laser: the epoch-start refresh, timed in "refresh"
     model.train()
     optimizer = trainer.optimizer
-    times, samples = [], []
+    times, load_times, samples = [], [], []
     batches = iter(train_data)
     for step in range(spec["train_batches"] + 1):  # step 0 is the warm-up
+        if step == 1:
+            _reset_cuda_peak()
+        loading = time.perf_counter()
         try:
             interaction = next(batches)
         except StopIteration:
@@ -266,6 +295,8 @@ def section_train(spec):
         interaction = interaction.to(device)
         _sync(device)
         start = time.perf_counter()
+        if step:
+            load_times.append(start - loading)
         optimizer.zero_grad()
         losses = model.calculate_loss(interaction)
         loss = sum(losses) if isinstance(losses, tuple) else losses
@@ -281,6 +312,8 @@ def section_train(spec):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"model": spec["model"], "batch_size": int(config["train_batch_size"]), "steps": len(times),
             "samples": sum(samples), "seconds": total, "samples_per_s": sum(samples) / total,
+            # with the data loader's batch assembly and the copy to the device, as the trainer sees it
+            "samples_per_s_with_loading": sum(samples) / (total + sum(load_times)),
             "median_step_s": statistics.median(times), "trainable_params": trainable,
             "train_sequences": len(train_data.dataset), "cuda_peak_mib": _cuda_peak(),
             "torch_threads": torch.get_num_threads()}
@@ -436,9 +469,10 @@ def render(results, mode, env, command, started, finished, loads, dataset, stand
     if trains:
         out += ["## Training throughput", "",
                 common.markdown_table(
-                    ["model", "batch", "steps", "samples/s", "median step (s)", "trainable params", mem_header,
-                     "load avg"],
+                    ["model", "batch", "steps", "samples/s", "with loading", "median step (s)", "trainable params",
+                     mem_header, "load avg"],
                     [[r["model"], r["batch_size"], r["steps"], f"{r['samples_per_s']:.1f}",
+                      _f(r.get("samples_per_s_with_loading"), 1),
                       _f(r["median_step_s"], 3), f"{r['trainable_params']:,}", _mem(r),
                       r["loadavg_end"][0] if r["loadavg_end"] else "-"] for r in trains]), ""]
     evals = [v for k, v in ok.items() if k.startswith("eval:")]

@@ -217,3 +217,19 @@ def test_speed_writes_the_table_after_each_job(tmp_path, monkeypatch):
         speed.main(["--quick", "--results-dir", str(tmp_path / "res"), "--work-dir", str(tmp_path / "work")])
     text = seen[-1]
     assert "| SASRec | 8 | 2 | 123.0 |" in text and "Partial: 1 of the planned jobs" in text
+
+
+def test_speed_sections_measure_tiny_models(tmp_path):
+    """The measuring code itself, on the tiny Laser and SASRec: the replay sees the refresh's batches, steps and
+    ceilings pair up, ratios are finite and positive."""
+    from tests.helpers_laser import tiny_config_dict, write_tiny_dataset
+
+    write_tiny_dataset(tmp_path)
+    config_dict = dict(tiny_config_dict(tmp_path), log_wandb=False)
+    refresh = speed.section_refresh({"dataset": "tiny-laser", "config_dict": config_dict, "profile": "none",
+                                     "repeats": 2})
+    assert refresh["batches"] >= 1 and refresh["items"] > 0 and len(refresh["pair_ratios"]) == 2
+    assert refresh["refresh"]["runs"] == refresh["backbone"]["runs"] == 2 and 0 < refresh["ratio"] < 100
+    train = speed.section_train({"model": "Laser", "dataset": "tiny-laser", "config_dict": config_dict,
+                                 "profile": "none", "train_batches": 2})
+    assert train["steps"] == 2 and 0 < train["samples_per_s_with_loading"] <= train["samples_per_s"]
