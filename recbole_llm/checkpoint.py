@@ -49,23 +49,40 @@ class UnsafeCheckpointError(UserInputError, RuntimeError):
     """A checkpoint whose pickle holds objects outside the allow-list."""
 
 
+def _first_line(err):
+    lines = str(err).splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def _is_damaged_archive(err):
+    """A RuntimeError that says the file is not a readable torch zip archive (truncated, overwritten)."""
+    text = str(err)
+    return any(mark in text for mark in ("PytorchStreamReader", "zip archive", "central directory"))
+
+
 def load_checkpoint(path, map_location=None, trust_pickled_code=False):
     """Load a checkpoint safely. ``trust_pickled_code=True`` runs whatever code the file's pickle holds:
-    use it only for files you made yourself with an older RecBole."""
+    use it only for files you made yourself with an older RecBole.
+
+    Without ``map_location`` on a machine without CUDA, tensors saved on a GPU are loaded onto the CPU."""
     if not os.path.isfile(path):
         raise DataNotFoundError(f"Checkpoint '{path}' does not exist.")
+    if map_location is None and not torch.cuda.is_available():
+        map_location = "cpu"
     try:
         return torch.load(path, map_location=map_location, weights_only=not trust_pickled_code)
     except pickle.UnpicklingError as err:  # weights_only refused a class (torch adds a long hint)
         if trust_pickled_code:
             raise
         raise UnsafeCheckpointError(
-            f"Checkpoint '{path}' holds objects that cannot be loaded safely ({str(err).splitlines()[0]}). "
+            f"Checkpoint '{path}' holds objects that cannot be loaded safely ({_first_line(err)}). "
             "If you made this file yourself (e.g. with plain RecBole), load it with "
             "trust_pickled_code=True (config key `trust_pickled_checkpoint: True`), which runs code from the file."
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:  # truncated/overwritten: not a torch zip file
+        if isinstance(err, (RuntimeError, PermissionError)) and not _is_damaged_archive(err):
+            raise  # e.g. a device or permission problem: the file is fine, the error says what is wrong
         raise CorruptFileError(
-            f"Checkpoint '{path}' cannot be read ({str(err).splitlines()[0]}): it was damaged or replaced outside "
+            f"Checkpoint '{path}' cannot be read ({_first_line(err)}): it was damaged or replaced outside "
             "the package (its own writes are atomic). Delete it (a cache is rebuilt on the next run) or use "
             "another file.") from None

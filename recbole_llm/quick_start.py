@@ -168,9 +168,14 @@ def objective_function(config_dict=None, config_file_list=None, saved=True, mode
 
 
 def load_data_and_model(model_file, trust_pickled_code=False):
-    """Reload a saved model with its data (RecBole's function, loading the checkpoint safely)."""
-    checkpoint = load_checkpoint(model_file, trust_pickled_code=trust_pickled_code)
+    """Reload a saved model with its data (RecBole's function, loading the checkpoint safely).
+
+    A model saved on a GPU is reloaded on the CPU (and ``config["device"]`` says so) when CUDA is absent."""
+    checkpoint = load_checkpoint(model_file, trust_pickled_code=trust_pickled_code)  # CPU when no CUDA
     config = checkpoint["config"]
+    if torch.device(config["device"]).type == "cuda" and not torch.cuda.is_available():
+        config["device"] = torch.device("cpu")
+        config["use_gpu"] = False
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     logger = getLogger()

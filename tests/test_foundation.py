@@ -171,3 +171,43 @@ def test_dataset_yaml_keeps_pairwise_sampling_for_bpr(model, sampled):
         assert args["distribution"] == "uniform" and args["sample_num"] >= 1
     else:
         assert args is None or args.get("distribution") == "none"
+
+
+def _save_tagged_cuda(obj, path, monkeypatch):
+    """torch.save as on a GPU machine: every storage is tagged cuda:0 (no GPU needed to write it)."""
+    import torch.serialization
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(obj, path)
+
+
+def test_gpu_checkpoint_loads_on_a_cpu_machine(sasrec_run, tmp_path, monkeypatch):
+    # Found by review: a valid GPU checkpoint was called "damaged ... Delete it" on a CPU-only machine.
+    from recbole_llm.quick_start import load_data_and_model
+
+    checkpoint = torch.load(sasrec_run["saved_model_file"], weights_only=True)
+    checkpoint["config"]["device"] = torch.device("cuda")
+    path = str(tmp_path / "gpu.pth")
+    _save_tagged_cuda(checkpoint, path, monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    loaded = load_checkpoint(path)
+    assert all(t.device.type == "cpu" for t in loaded["state_dict"].values())
+    config, model, *_ = load_data_and_model(path)
+    assert config["device"].type == "cpu"
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_checkpoint_runtime_error_that_is_not_damage_keeps_its_text(tmp_path, monkeypatch):
+    from recbole_llm.errors import CorruptFileError
+
+    path = tmp_path / "model.pth"
+    torch.save({"w": torch.ones(2)}, path)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(torch, "load", fail)
+    with pytest.raises(RuntimeError, match="out of memory") as info:
+        load_checkpoint(str(path), map_location="cuda:0")
+    assert not isinstance(info.value, CorruptFileError)
