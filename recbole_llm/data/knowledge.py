@@ -36,7 +36,7 @@ KNOWLEDGE_SOURCES = ("llm", "item_text")
 
 DEFAULTS = {
     "knowledge_source": "llm",
-    "knowledge_max_new_tokens": 48,
+    "knowledge_max_new_tokens": 64,  # as the SeRALM YAMLs
     "knowledge_batch_size": 32,
     "knowledge_repetition_penalty": 1.2,
     "knowledge_encoder_max_length": 128,

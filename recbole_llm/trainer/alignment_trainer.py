@@ -177,7 +177,7 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
         self.kl_estimator = config_get(config, "kl_estimator", "k2")
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}.")
-        self.generator_mode = config_get(config, "generator_mode", "sync")
+        self.generator_mode = config_get(config, "generator_mode", "ray")  # the YAMLs' default
         if self.generator_mode not in GENERATOR_MODES:
             raise ValueError(f"generator_mode must be one of {GENERATOR_MODES}, got {self.generator_mode!r}.")
         self.refresh_every = int(config_get(config, "refresh_every", 50))

@@ -16,7 +16,7 @@ Per layer, one multi-head attention with two branches whose outputs are summed (
 * unsymmetrical positional branch: scores from query/key projections of LN(P + H) (P learned positions,
   H the layer input) weight the UN-pooled values.
 
-Choices where the paper/code is silent or would leak the future (the paper's code has no causal mask):
+Choices where the paper/code is silent, or where we differ from the reference code on purpose:
 
 * Segment geometry. n = MAX_ITEM_LIST_LENGTH, k1 = ``kernel_size``, m = ``seg_num``.
   The sequence is zero-padded at the end to n1 * k1 positions, n1 = ceil(n / k1) first-level blocks;
@@ -26,7 +26,10 @@ Choices where the paper/code is silent or would leak the future (the paper's cod
   Settings that cannot give m segments of real blocks raise a ValueError naming the key: k1 > n, or
   m > n1 (more segments than first-level blocks; e.g. the project's MAX_ITEM_LIST_LENGTH=20 with k1=10, m=4
   gives n1=2, so use kernel_size <= 5 there).
-* Causality. The query at position t attends to segments 0..s(t), s(t) = t // (k1 * k2), of DownConv
+* Causality (a choice, not a leakage fix). The reference code has no causal mask: each history position
+  attends over the whole history. In RecBole's prefix instances the target is never in the history, so that
+  leaks nothing; we make every position causal, as SASRec is, which changes the model in layers >= 2 (a
+  history position no longer sees later history items). The query at position t attends to segments 0..s(t), s(t) = t // (k1 * k2), of DownConv
   applied to the prefix x[0..t] with everything after t zeroed. Segments before s(t) only contain positions
   < t and equal the pooled full sequence; the current segment s(t) is computed per position in closed form
   (the first conv is linear, so a partial block is a running sum inside its block), see ``CausalDownConv``.
@@ -34,8 +37,8 @@ Choices where the paper/code is silent or would leak the future (the paper's cod
 * Padding (RecBole pads at the end, id 0): key/value projections at padded positions are zeroed before
   pooling and padded positions are masked out of the positional attention, so they never reach a real
   position (with right padding causality alone would already exclude them).
-* Softmax over keys (the paper's code normalises over queries, ``dim=-2``, which mixes positions and would
-  leak the future); one scaling 1/sqrt(2 * head size) for positional scores (two score sources summed).
+* Softmax over keys (the paper's code normalises over queries, ``dim=-2``; over keys is the usual attention
+  and keeps the causal reading above); one scaling 1/sqrt(2 * head size) for positional scores (two score sources summed).
 """
 
 import math

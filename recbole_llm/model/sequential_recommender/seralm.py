@@ -102,7 +102,7 @@ class SeRALMMixin:
             needs.add("encoder")
         if config_get(config, "alignment", False):  # read by the AlignmentTrainer
             needs |= {"item_text", "llm"}
-            if config_get(config, "generator_mode", "sync") == "ray":
+            if config_get(config, "generator_mode", "ray") == "ray":
                 needs.add("ray")
         return needs
 
