@@ -188,7 +188,10 @@ class FrozenSR(nn.Module):
     def forward(self, item_seq, item_seq_len):
         """C_u [B, N, d_i] (states at every position) and the mask [B, N] of real (unpadded) items.
 
-        RecBole sequences are right-padded: items at positions 0..len-1.
+        RecBole sequences are right-padded: items at positions 0..len-1. For BERT4Rec C_u is what RecBole's
+        ``forward`` returns, i.e. after its output head (Linear, GELU, LayerNorm), the states it scores items
+        with; for SASRec it is the encoder output, which SASRec scores items with directly. Each is the state
+        its own model predicts from, so the two are not the same layer of one architecture (paper Figure 4).
         """
         positions = torch.arange(item_seq.size(1), device=item_seq.device)
         mask = positions.unsqueeze(0) < item_seq_len.unsqueeze(1)

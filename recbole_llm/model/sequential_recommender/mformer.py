@@ -12,6 +12,11 @@ Choices where the paper is silent (documented here and in Laser.yaml):
   by r_j / stopgrad(r_j): the value is exactly 1 (forward unchanged) while d/dr_j = 1 / r_j gives the router
   a Switch-Transformer-style gradient from the recommendation loss. ``lb_only``: the router learns from L_LB only.
 - L_LB (Eq. 9-11) is computed per user over that user's N real items and averaged over the batch.
+- The router is ``Linear(d_i, K)`` with a bias; Eq. 5 (m(u) = C_u W_r^T) has none. Kept: a per-expert offset the
+  softmax could learn anyway, and dropping it would change every trained checkpoint's keys.
+- Size: at the paper's settings (K=8, L=32, d_m=768, 12 blocks, FFN 3072, d_llm=4096) this M-Former has 96.1M
+  parameters; the paper reports 183.3M trainable in all. The gap is about the size of a BLIP-2 Q-Former's extra
+  parts (separate query FFNs, BERT-base embeddings), which the paper may have started from; it does not say.
 """
 
 import torch
