@@ -42,9 +42,19 @@ def _expected_attrs(meta):
 
 # ---------------------------------------------------------------- Scientific JSON pair
 
-def test_scientific_converter_round_trips_tricky_text(tmp_path):
+# Bare carriage returns (found by review: csv's minimal quoting left a lone CR unquoted and the .item file
+# then failed RecBole's reader) in a title, a brand and a description, plus a CRLF.
+CR_ITEMS = {"2": {"title": "Item 2\rwith CR", "brand": "Hy\rdrion", "categories": "Lab",
+                  "description": "ends with CR\r"},
+            "4": {"title": "Gloves\r\n(M)", "brand": "N/A", "categories": "Safety", "description": "\rstarts"}}
+
+
+@pytest.mark.parametrize("extra_items", [{}, CR_ITEMS], ids=["tabs-newlines-quotes", "carriage-returns"])
+def test_scientific_converter_round_trips_tricky_text(tmp_path, extra_items):
     src, out = tmp_path / "src", tmp_path / "out"
     write_tiny_scientific(src)
+    items = dict(TINY_SCIENTIFIC_ITEMS, **extra_items)
+    (src / "Scientific.item.json").write_text(json.dumps(items), encoding="utf-8")
     counts = scientific.main(["--src", str(src), "--out", str(out)])
     assert counts == {"users": 5, "items": 5, "interactions": 25}
     assert (out / "amazon-scientific" / "LICENSE").read_text().startswith("MIT")
@@ -54,7 +64,7 @@ def test_scientific_converter_round_trips_tricky_text(tmp_path):
     assert _histories(dataset) == {u: [str(i) for i in seq] for u, seq in TINY_SCIENTIFIC_INTER.items()}
     attrs = item_attributes(dataset)
     assert attrs[0] == {}
-    for token, meta in TINY_SCIENTIFIC_ITEMS.items():
+    for token, meta in items.items():
         got = attrs[dataset.token2id(dataset.iid_field, token)]
         assert got == _expected_attrs(meta), token
 

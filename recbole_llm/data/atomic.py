@@ -2,8 +2,8 @@
 
 RecBole 1.2.1 reads atomic files with ``pandas.read_csv(delimiter=field_separator, engine="python")``,
 i.e. with CSV quoting rules. So values are written with Python's ``csv`` module (tab separated, minimal
-quoting): a value holding a tab, a newline or a double quote is written in double quotes (inner quotes
-doubled) and comes back unchanged. Two things RecBole's reader does that no writer can avoid:
+quoting): a value holding a tab, a line break (LF or a bare CR) or a double quote is written in double quotes
+(inner quotes doubled) and comes back unchanged. Two things RecBole's reader does that no writer can avoid:
 
 - strings that pandas reads as missing ("", "NA", "N/A", "null", "None", "nan", ...) become missing values;
   the writer writes them as empty, so a file never claims a value that will not survive loading;
@@ -15,6 +15,7 @@ half-written.
 """
 
 import csv
+import io
 import math
 
 from recbole_llm.fileio import atomic_path
@@ -94,13 +95,21 @@ def write_atomic(path, fields, rows, seq_separator=TEXT_SEQ_SEPARATOR):
     count = 0
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8", newline="") as f:
-            writer = csv.writer(f, delimiter="\t", quotechar='"', quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
+            # csv quotes a value holding a character of the line terminator; with "\n" alone a bare "\r" would
+            # be written raw and split the row when read back. So each row is formatted with "\r\n" (quoting
+            # any value with "\r" or "\n") and written with "\n".
+            buffer = io.StringIO()
+            writer = csv.writer(buffer, delimiter="\t", quotechar='"', quoting=csv.QUOTE_MINIMAL,
+                                lineterminator="\r\n")
             f.write("\t".join(f"{name}:{ftype}" for name, ftype in fields) + "\n")
             for row in rows:
                 if len(row) != len(fields):
                     raise ValueError(f"row {count + 1} of '{path}' has {len(row)} values, expected {len(fields)}")
+                buffer.seek(0)
+                buffer.truncate()
                 writer.writerow([_format_value(name, ftype, value, seq_separator)
                                  for (name, ftype), value in zip(fields, row)])
+                f.write(buffer.getvalue()[:-2] + "\n")
                 count += 1
     return count
 
