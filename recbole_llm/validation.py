@@ -76,6 +76,7 @@ CHOICES = {
     "knowledge_source": ("llm", "item_text", "checkpoint"),
     "generator_mode": ("sync", "ray"),
     "kl_estimator": ("k1", "k2", "k3"),
+    "knowledge_concat": ("split", "widen"),
 }
 
 

@@ -186,3 +186,20 @@ def test_train_text_encoder_updates_encoder_and_refreshes_vectors(tmp_path):
     model.eval()  # re-encodes every item with the updated encoder
     assert not torch.allclose(model.knowledge_vectors, cached)
     assert torch.all(model.knowledge_vectors[0] == 0)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_widen_keeps_the_base_id_width_and_appends_the_knowledge(name, tmp_path):
+    config, dataset, train, _, _ = build(name, tmp_path, knowledge_concat="widen")
+    prefill_knowledge(config, dataset)
+    model = get_model(name)(config, train.dataset)
+    emb = model.item_embedding
+    assert emb.id_embedding.embedding_dim == WIDTH  # the ID embedding is Base's
+    assert emb.embedding_dim == WIDTH + PROJ and emb.knowledge_projection.out_features == PROJ
+    assert config[model.width_key] == WIDTH  # the config keeps what the user gave (frozen base, reload)
+    model.train()
+    loss = model.calculate_loss(first_batch(train))
+    loss.backward()
+    assert torch.isfinite(loss) and emb.id_embedding.weight.grad is not None
+    reloaded = get_model(name)(config, train.dataset)  # a rebuild from the same config: the same shapes
+    reloaded.load_state_dict(model.state_dict())

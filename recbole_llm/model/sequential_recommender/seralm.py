@@ -13,9 +13,13 @@ full_sort_predict, Caser's L2 term), so we swap that one module for :class:`Know
 which returns ``[ID embedding ; Linear(knowledge vector)]`` for given ids and the full table as
 ``.weight``; no forward code of the base models is copied.
 
-Design choice (the paper does not give sizes): the concatenation keeps the base model's width. The ID
-part is ``width - knowledge_proj_size`` wide and the projected knowledge ``knowledge_proj_size``, so
-every layer after the embedding is exactly the base model's.
+Design choice (the paper does not give sizes), ``knowledge_concat``:
+- ``split`` (default): the concatenation keeps the base model's width. The ID part is
+  ``width - knowledge_proj_size`` wide and the projected knowledge ``knowledge_proj_size``, so every layer after
+  the embedding is exactly the base model's (same cost; the ID embedding is narrower than Base's).
+- ``widen``: the ID embedding keeps the base width and the knowledge is appended, the literal reading of
+  "concatenated with the item ID embedding"; the model is built ``knowledge_proj_size`` wider than the config's
+  ``hidden_size`` (``embedding_size`` for Caser), which the config keeps as the user wrote it.
 
 Knowledge vectors (text-encoder outputs, [n_items, d_text]) are a buffer filled at construction from
 :func:`recbole_llm.data.knowledge.knowledge_matrix` (cached; the LLM is never run at recommendation
@@ -106,10 +110,22 @@ class SeRALMMixin:
                 needs.add("ray")
         return needs
 
+    width_key = "hidden_size"  # the config key of the item vector width (Caser: embedding_size)
+
     def __init__(self, config, dataset):
         apply_plugin_defaults(config, type(self).__name__)  # stock RecBole Config does not know the plugin YAML
         check_softmax_training(config, type(self).__name__)  # always CE, whatever loss_type says (checked below)
-        super().__init__(config, dataset)
+        if config_get(config, "knowledge_concat", "split") == "widen":
+            # Build the base model wider for this call only: the config (logged, saved, read by the frozen base
+            # of the alignment) keeps the width the user gave, and a reload widens again from it.
+            width = int(config[self.width_key])
+            config[self.width_key] = width + int(config["knowledge_proj_size"])
+            try:
+                super().__init__(config, dataset)
+            finally:
+                config[self.width_key] = width
+        else:
+            super().__init__(config, dataset)
         if self.loss_type != "CE":
             raise ValueError(f"{type(self).__name__} needs loss_type: CE (log p(y|x, s) is a softmax over all items); "
                              f"got loss_type={self.loss_type!r}.")
@@ -250,6 +266,8 @@ class SeRALMMixin:
 
 class CaserSeRALM(SeRALMMixin, Caser):
     r"""Caser with SeRALM knowledge concatenated to its item embeddings."""
+
+    width_key = "embedding_size"
 
 
 class SASRecSeRALM(SeRALMMixin, SASRec):
