@@ -227,6 +227,12 @@ def main(argv=None):
         raise SystemExit(f"error: {err}") from None
 
 
+def cli(argv=None):
+    """The ``recbole-llm`` console script: like ``main`` but returns None, so the wrapper's
+    ``sys.exit(cli())`` exits 0 after a successful run (``sys.exit(dict)`` would print the dict and exit 1)."""
+    main(argv)
+
+
 def _is_user_error(err):
     """ValueErrors raised while reading the user's input (plugin lookups and RecBole's config checks)."""
     if isinstance(err, UserInputError):

@@ -211,3 +211,21 @@ def test_checkpoint_runtime_error_that_is_not_damage_keeps_its_text(tmp_path, mo
     with pytest.raises(RuntimeError, match="out of memory") as info:
         load_checkpoint(str(path), map_location="cuda:0")
     assert not isinstance(info.value, CorruptFileError)
+
+
+def test_console_script_entry_point_returns_none_after_a_run(monkeypatch):
+    # The generated wrapper runs sys.exit(<entry>()): a returned result dict was printed to stderr with exit
+    # status 1 after a successful run (found by review).
+    import configparser
+    import importlib
+
+    import recbole_llm.quick_start as quick_start
+
+    parser = configparser.ConfigParser()
+    parser.read(os.path.join(REPO, "setup.cfg"))
+    lines = parser["options.entry_points"]["console_scripts"].strip().splitlines()
+    scripts = {name.strip(): target.strip() for name, target in (line.split("=", 1) for line in lines)}
+    module, func = scripts["recbole-llm"].split(":")
+    entry = getattr(importlib.import_module(module), func)
+    monkeypatch.setattr(quick_start, "run_recbole_llm", lambda *a, **k: {"best_valid_score": 0.1})
+    assert entry(["--model=SASRec", "--dataset=ml-100k"]) is None
