@@ -17,7 +17,7 @@ from recbole.utils import get_environment, init_logger, init_seed, set_color
 
 from recbole_llm.checkpoint import load_checkpoint
 from recbole_llm.config import Config
-from recbole_llm.errors import UserInputError
+from recbole_llm.errors import ConfigError, UserInputError
 from recbole_llm.data.locate import check_dataset_available, default_config_files
 from recbole_llm.preflight import DataFileError, check_run_inputs
 from recbole_llm.run_log import HeldLogFile
@@ -33,10 +33,43 @@ def read_dataset(config):
                             f"'{config['data_path']}': {err}") from None
 
 
+def split_config_files(text):
+    """``--config_files`` value: file names separated by any whitespace (None when there are none)."""
+    return text.split() or None if text else None
+
+
+def check_config_files(paths):
+    """Each user config file must exist, parse as YAML and hold a mapping (an empty file counts as {}).
+    Returns the files that hold settings (empty ones are left out: RecBole's Config cannot merge them)."""
+    import yaml
+
+    kept = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ConfigError(f"Config file '{path}' does not exist (--config_files takes YAML files separated "
+                              "by spaces).")
+        try:
+            with open(path, encoding="utf-8") as f:
+                content = yaml.load(f.read(), Loader=yaml.FullLoader)  # the loader RecBole's Config uses
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            what = getattr(err, "problem", None) or (str(err).splitlines() or [type(err).__name__])[0]
+            raise ConfigError(f"Config file '{path}' is not valid YAML ({what}{where}); expected 'key: value' "
+                              "lines.") from None
+        if content is None:
+            continue
+        if not isinstance(content, dict):
+            raise ConfigError(f"Config file '{path}' holds a {type(content).__name__}, expected a mapping of "
+                              "'key: value' lines.")
+        kept.append(path)
+    return kept
+
+
 def build_config(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_args=None,
                  profile="none"):
     """Config with the plugin's dataset/profile YAMLs placed before the user's own files."""
-    config_file_list = list(config_file_list or [])
+    config_file_list = check_config_files(list(config_file_list or []))
     auto_files = default_config_files(model, dataset, profile)
     config = Config(model=model, dataset=dataset, config_file_list=auto_files + config_file_list,
                     config_dict=config_dict, cmd_args=cmd_args)
@@ -212,7 +245,7 @@ def main(argv=None):
     bad = [a for a in extra if not (a.startswith("--") and "=" in a)]
     if bad:
         raise SystemExit(f"error: unrecognised arguments {bad}; config keys are given as --key=value")
-    config_files = args.config_files.strip().split(" ") if args.config_files else None
+    config_files = split_config_files(args.config_files)
     try:
         get_model(args.model)
         if args.nproc == 1 and args.world_size <= 0:

@@ -255,3 +255,48 @@ def test_a_dataset_recbole_downloads_itself_is_left_to_recbole(tmp_path):
     check_dataset_available(config)  # ml-1m is in RecBole's url.yaml: RecBole fetches it at create_dataset
     check_run_inputs(config)
     assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------- --config_files (found by review: tracebacks)
+
+def _main_config_files(monkeypatch, tmp_path, value):
+    from recbole_llm.quick_start import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RECBOLE_LLM_DEBUG", raising=False)
+    before = set(os.listdir(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model=SASRec", "--dataset=ml-100k", f"--config_files={value}"])
+    assert set(os.listdir(tmp_path)) == before  # nothing written (no log/ or saved/)
+    return str(exit_info.value.code)
+
+
+@pytest.mark.parametrize("name, text, expected", [
+    ("missing.yaml", None, "does not exist"),
+    ("broken.yaml", "epochs: 1\n  bad: [1, 2\n", "not valid YAML"),
+    ("list.yaml", "- epochs\n- 1\n", "expected a mapping"),
+])
+def test_bad_config_file_is_named_in_a_clear_error(monkeypatch, tmp_path, name, text, expected):
+    if text is not None:
+        (tmp_path / name).write_text(text)
+    message = _main_config_files(monkeypatch, tmp_path, name)
+    assert message.startswith("error:") and name in message and expected in message
+
+
+def test_empty_config_file_counts_as_no_settings(tmp_path):
+    from recbole_llm.quick_start import build_config
+
+    empty, comments = tmp_path / "empty.yaml", tmp_path / "comments.yaml"
+    empty.write_text("")
+    comments.write_text("# nothing set yet\n")
+    config = build_config("SASRec", "ml-100k", [str(empty), str(comments)], cmd_args=[])
+    assert config["model"] == "SASRec"
+
+
+def test_config_files_split_on_any_whitespace(monkeypatch, tmp_path):
+    import recbole_llm.quick_start as quick_start
+
+    seen = {}
+    monkeypatch.setattr(quick_start, "run_recbole_llm", lambda model, dataset, files, **kw: seen.update(files=files))
+    quick_start.main(["--model=SASRec", "--dataset=ml-100k", "--config_files= a.yaml  b.yaml\tc.yaml "])
+    assert seen["files"] == ["a.yaml", "b.yaml", "c.yaml"]
