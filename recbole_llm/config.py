@@ -66,6 +66,9 @@ def _foreign_argv():
     prog = os.path.basename(sys.argv[0]) if sys.argv else ""
     if "pytest" in sys.modules and ("pytest" in prog or prog.startswith("py.test")):
         return True
+    # python -m pytest: argv[0] is .../pytest/__main__.py
+    if "pytest" in sys.modules and sys.argv and sys.argv[0].endswith(os.path.join("pytest", "__main__.py")):
+        return True
     return "ray" in sys.argv[0] and ("worker" in prog or "_private" in sys.argv[0])
 
 

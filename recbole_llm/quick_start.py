@@ -18,7 +18,7 @@ from recbole.utils import get_environment, init_logger, init_seed, set_color
 from recbole_llm.checkpoint import load_checkpoint
 from recbole_llm.config import Config
 from recbole_llm.errors import ConfigError, UserInputError
-from recbole_llm.data.locate import check_dataset_available, default_config_files
+from recbole_llm.data.locate import check_dataset_available, default_config_files, resolve_profile
 from recbole_llm.preflight import DataFileError, check_run_inputs
 from recbole_llm.run_log import HeldLogFile
 from recbole_llm.utils import get_model, get_trainer
@@ -96,6 +96,8 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
     log_file = HeldLogFile(config)  # the log file appears once the data is read and the model built
     logger = getLogger()
     logger.info(sys.argv)
+    files = default_config_files(model, dataset, profile) + list(config_file_list or [])
+    logger.info(f"config files: {files} (profile {resolve_profile(profile)})")
     logger.info(config)
     try:
         dataset = read_dataset(config)

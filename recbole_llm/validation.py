@@ -22,6 +22,8 @@ PLUGIN_KEYS = {
     # keys RecBole derives itself but also accepts from the user
     "device", "single_spec", "MODEL_TYPE", "MODEL_INPUT_TYPE", "eval_type", "valid_neg_sample_args",
     "test_neg_sample_args", "eval_neg_sample_args",
+    # documented RecBole data setting read by its Dataset but listed in no argument list or YAML
+    "encoding",
 }
 
 

@@ -65,6 +65,18 @@ def test_config_ignores_pytest_argv_but_reads_given_args(monkeypatch):
     assert config["hidden_size"] == 48
 
 
+def test_config_ignores_python_m_pytest_argv(monkeypatch):
+    # Found by review: under `python -m pytest` argv[0] is .../pytest/__main__.py and its flags became keys.
+    monkeypatch.setattr(sys, "argv", [os.path.join("site-packages", "pytest", "__main__.py"), "--tb=short", "-q"])
+    assert "tb" not in Config("SASRec", "ml-100k", config_dict=NO_NEG).final_config_dict
+
+
+def test_recbole_encoding_key_is_accepted_for_plugin_models():
+    # RecBole's documented data setting `encoding` (read by its Dataset) was an unknown key for plugin models.
+    config = Config("PAUP", "ml-100k", config_dict={"encoding": "latin-1"}, cmd_args=[])
+    assert config["encoding"] == "latin-1"
+
+
 @pytest.mark.parametrize("user, expected", [({}, "cuda"), ({"use_gpu": False}, "cpu"), ({"device": "cpu"}, "cpu"),
                                             ({"gpu_id": ""}, "cpu")])
 def test_config_device_honours_use_gpu_and_device_on_a_cuda_machine(monkeypatch, user, expected):
@@ -146,6 +158,7 @@ def test_cli_runs_a_recbole_model(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     assert "test result" in out and "ndcg@10" in out
+    assert "config files: [" in out and "ml-100k.yaml" in out and "(profile cpu)" in out  # README promises it
     assert any(name.startswith("SASRec-") for name in os.listdir(tmp_path / "saved"))
     assert os.path.isdir(tmp_path / "log")
 
