@@ -79,26 +79,32 @@ def _absolute(paths):
 
 
 def run_hyperopt(model, dataset, params_file, config_files=None, algo="exhaustive", max_evals=100,
-                 early_stop=10, output_file="hyper_result.md", profile="none", config_dict=None):
-    """RecBole's HyperTuning with the plugin's objective; returns the HyperTuning object."""
+                 early_stop=10, output_file="hyper_result.md", profile="none", config_dict=None, display_file=None):
+    """RecBole's HyperTuning with the plugin's objective; returns the HyperTuning object.
+
+    ``display_file``: HTML plot of the trials (RecBole's ``plot_hyper``; needs plotly)."""
     from recbole.trainer import HyperTuning
 
-    from recbole_llm.quick_start import objective_function
+    from recbole_llm import quick_start
 
     entries = read_hyper_file(params_file)
     fixed = dict(config_dict or {})
+    trials = []  # (params dict, result) per trial: RecBole's params2result keys are strings that cannot be
+    # split back reliably (a list-valued choice such as [64, 64] holds the separator ", ")
 
     def objective(params, fixed_config_files):
-        return objective_function(dict(fixed, **params), fixed_config_files, model=model, dataset=dataset,
-                                  profile=profile)
+        result = quick_start.objective_function(dict(fixed, **params), fixed_config_files, model=model,
+                                                dataset=dataset, profile=profile)
+        trials.append((dict(params), result))
+        return result
 
     tuner = HyperTuning(objective, algo=algo, params_file=params_file, fixed_config_file_list=_absolute(config_files),
-                        max_evals=max_evals, early_stop=early_stop)
+                        display_file=display_file, max_evals=max_evals, early_stop=early_stop)
     tuner.run()
     names = [name for name, _, _ in entries]
     rows = []
-    for params_str, result in tuner.params2result.items():
-        row = dict(item.split(":", 1) for item in params_str.split(", ")) if params_str else {}
+    for params, result in trials:
+        row = {name: params[name] for name in names if name in params}
         row["best_valid_score"] = float(result["best_valid_score"])
         row.update({f"test_{k}": float(v) for k, v in result["test_result"].items()})
         rows.append(row)
