@@ -194,3 +194,57 @@ def test_aligned_run_killed_after_alignment_resumes_its_epoch_and_cleans_up(tmp_
     assert result == aligned_reference[0]
     assert_same_weights(final_weights(run), aligned_reference[1])
     assert not glob.glob(os.path.join(run.checkpoint_dir, "*.align.pth"))  # left by the alignment, removed at the end
+
+
+# ---------------------------------------------------------------- which resume state matches (found by review)
+
+def _ml100k_copy(tmp_path):
+    """A private copy of ml-100k's .inter file as dataset 'mlcopy' (RecBole always reads 'ml-100k' from its
+    own folder) and a tiny SASRec config on it."""
+    import shutil
+
+    from recbole_llm.config import Config
+    from tests.helpers_foundation import tiny_sasrec_config
+
+    src = Config("SASRec", "ml-100k", config_dict={"train_neg_sample_args": None}, cmd_args=[])["data_path"]
+    folder = tmp_path / "data" / "mlcopy"
+    folder.mkdir(parents=True)
+    shutil.copy(os.path.join(src, "ml-100k.inter"), folder / "mlcopy.inter")
+    cfg = tiny_sasrec_config(tmp_path, data_path=str(tmp_path / "data"))
+    return folder / "mlcopy.inter", lambda **extra: Config("SASRec", "mlcopy", config_dict=dict(cfg, **extra),
+                                                          cmd_args=[])
+
+
+def test_resume_fingerprint_covers_the_data_files(tmp_path):
+    from recbole_llm.trainer.resume import resume_state_path
+
+    inter, make_config = _ml100k_copy(tmp_path)
+    before = resume_state_path(make_config())
+    lines = inter.read_text().splitlines()
+    lines[1], lines[2] = lines[2], lines[1]  # same size, other content
+    inter.write_text("\n".join(lines) + "\n")
+    os.utime(inter, ns=(1, 1))  # another mtime even on a coarse clock
+    assert resume_state_path(make_config()) != before
+
+
+def test_resume_with_only_another_configs_state_warns_and_starts_over(tmp_path, caplog):
+    import logging
+    import types
+
+    from recbole_llm.trainer.resume import resume_state_path
+    from recbole_llm.trainer.safe import SafeCheckpointMixin
+
+    _, make_config = _ml100k_copy(tmp_path)
+    old = make_config(learning_rate=0.01)
+    os.makedirs(old["checkpoint_dir"], exist_ok=True)
+    other = resume_state_path(old)
+    with open(other, "wb") as f:
+        f.write(b"left by a killed run")
+    config = make_config()
+    trainer = types.SimpleNamespace(config=config, resume_state_file=resume_state_path(config),
+                                    logger=logging.getLogger("resume-test"))
+    with caplog.at_level(logging.INFO, logger="resume-test"):
+        assert SafeCheckpointMixin.resume_interrupted_run(trainer) is False
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings and os.path.basename(other) in warnings[0].getMessage()
+    assert "different config or different data" in warnings[0].getMessage()

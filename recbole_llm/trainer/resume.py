@@ -2,10 +2,11 @@
 
 RecBole saves a checkpoint only when validation improves and restores no random state, so a resumed run
 repeats or skips work and draws different batches. Here the trainer writes, at the start of every epoch,
-``<checkpoint_dir>/<model>-<dataset>-<fingerprint>.resume.pth`` holding the weights, optimizer, early-stopping
-state, the path of the best checkpoint so far, and the random state (torch, numpy, python, and the train
-loader's shuffling generator). ``--resume=True`` continues from it; on CPU the continued run then ends with
-the same metrics as an uninterrupted one. The file is removed when training finishes.
+``<checkpoint_dir>/<model>-<dataset>-<fingerprint>.resume.pth`` (a digest of the config and of the data
+files) holding the weights, optimizer, early-stopping state, the path of the best checkpoint so far, and the
+random state (torch, numpy, python, and the train loader's shuffling generator). ``--resume=True`` continues
+from it; on CPU the continued run then ends with the same metrics as an uninterrupted one. The file is
+removed when training finishes.
 """
 
 import hashlib
@@ -23,10 +24,49 @@ RUNTIME_KEYS = {
 }
 
 
+_DATA_DIGESTS = {}  # (files and their size/mtime) -> digest: hashing the data once per process, not per epoch
+
+
+def _data_files_digest(config):
+    """``frozen_sr.data_digest`` of the dataset's atomic files, so a resume never continues on changed data."""
+    from recbole_llm.model.frozen_sr import data_digest
+
+    folder, name = config["data_path"], config["dataset"]
+    parts = config["benchmark_filename"] if "benchmark_filename" in config else None
+    stats = []
+    for suffix in ["inter", "item", "user"] + [f"{part}.inter" for part in parts or []]:
+        path = os.path.join(folder, f"{name}.{suffix}")
+        if os.path.isfile(path):
+            st = os.stat(path)
+            stats.append((os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino))
+    key = tuple(stats)
+    if key not in _DATA_DIGESTS:
+        try:
+            _DATA_DIGESTS[key] = data_digest(config)
+        except FileNotFoundError:  # no atomic files (e.g. a dataset RecBole reads from elsewhere)
+            _DATA_DIGESTS[key] = "no-files"
+    return _DATA_DIGESTS[key]
+
+
 def run_fingerprint(config):
-    """Digest of every config value that affects the result (the file name of the resume state)."""
+    """Digest of every config value that affects the result and of the data files (the file name of the
+    resume state)."""
     items = sorted((k, repr(v)) for k, v in config.final_config_dict.items() if k not in RUNTIME_KEYS)
+    items.append(("<data files>", _data_files_digest(config)))
     return hashlib.sha256(repr(items).encode()).hexdigest()[:12]
+
+
+def other_resume_states(config):
+    """Resume states of the same model and dataset written for another config or other data."""
+    import glob
+    import re
+
+    prefix = f"{config['model']}-{config['dataset']}-"
+    pattern = os.path.join(glob.escape(config["checkpoint_dir"]), glob.escape(prefix) + "*.resume.pth")
+    own = os.path.abspath(resume_state_path(config))
+    name = re.compile(re.escape(prefix) + r"[0-9a-f]{12}\.resume\.pth")  # not those of dataset '<dataset>-x'
+    return sorted(p for p in glob.glob(pattern)
+                  if os.path.abspath(p) != own and name.fullmatch(os.path.basename(p)))
 
 
 def resume_state_path(config):

@@ -11,7 +11,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from recbole_llm.checkpoint import atomic_torch_save, load_checkpoint
 from recbole_llm.faults import with_kill_point
-from recbole_llm.trainer.resume import capture_random_state, restore_random_state, resume_state_path, run_fingerprint
+from recbole_llm.trainer.resume import (capture_random_state, other_resume_states, restore_random_state,
+                                      resume_state_path, run_fingerprint)
 
 
 def as_plugin_config(config):
@@ -109,7 +110,15 @@ class SafeCheckpointMixin:
         """Continue the run that left this config's resume-state file; returns False when there is none."""
         path = self.resume_state_file
         if not os.path.isfile(path):
-            self.logger.info(f"No interrupted run to resume ({path} does not exist): starting from epoch 0")
+            others = other_resume_states(self.config)
+            if others:
+                self.logger.warning(
+                    f"--resume=True, but no interrupted run matches this config and data ({path} does not exist). "
+                    f"Resume state(s) {', '.join(others)} were written with a different config or different data "
+                    "files: this run starts over from epoch 0 (run with that config and data to continue it, or "
+                    "delete the file).")
+            else:
+                self.logger.info(f"No interrupted run to resume ({path} does not exist): starting from epoch 0")
             return False
         # On the CPU: torch's and the loader's RNG states must be CPU tensors; weights and optimizer state are
         # copied onto the model's device by load_state_dict.
