@@ -338,3 +338,31 @@ def test_each_instance_is_scored_with_its_own_samples_only(tmp_path, shared_know
         second = per_instance_log_prob(model, sub, [items[a], items[b]], vectors)
     assert second[1] == pytest.approx(first[1].item(), abs=1e-6) and first[1] == pytest.approx(alone.item(), abs=1e-6)
     assert second[0] != pytest.approx(first[0].item(), abs=1e-6)  # row a does see its own sample
+
+
+def test_phase_c_puts_the_aligned_knowledge_in_the_model_and_training_keeps_it(tmp_path, monkeypatch):
+    """The tiny LLM writes empty texts, so its base and aligned knowledge are both zero; an adapter-dependent
+    stand-in makes phase C's replacement visible."""
+    from recbole_llm.data import knowledge as K
+    from recbole_llm.trainer.alignment_trainer import AlignmentTrainer
+    from recbole_llm.trainer.generator import build_lora_llm
+
+    config = tiny_config("SASRecSeRALM", tmp_path, frozen_base_cache_dir=str(tmp_path / "frozen_base"))
+    _, train, valid, _ = tiny_data(config)
+    model = tiny_model(config, train)
+    trainer = AlignmentTrainer(config, model)
+    trainer.llm, trainer.tokenizer = build_lora_llm(config, device=trainer.device)
+    base = model.knowledge_vectors.clone()
+    generate = K.generate_knowledge
+
+    def aligned_llm(dataset, cfg, llm=None, tokenizer=None, **kwargs):
+        assert kwargs["adapter_version"].startswith("lora-")
+        return generate(dataset, cfg, generate_fn=lambda prompts: [f"aligned: {p[-60:]}" for p in prompts], **kwargs)
+
+    monkeypatch.setattr(K, "generate_knowledge", aligned_llm)
+    trainer.regenerate_knowledge(train._dataset)
+    aligned = model.knowledge_vectors.clone()
+    assert aligned[1:].abs().sum(dim=1).gt(0).all() and not torch.equal(aligned, base)
+    trainer.aligned = True
+    trainer.fit(train, valid, saved=False)  # RecBole's training and evaluation on the aligned knowledge
+    assert torch.equal(model.knowledge_vectors, aligned)
