@@ -168,7 +168,7 @@ def test_speed_render_and_jobs(tmp_path):
                            mean_prompt_tokens=40.0, llm_layers=30, example="A microscope.", pipeline=summary,
                            plain=summary, pipeline_items_per_s=4.0, plain_items_per_s=4.0, ratio=1.0),
         "train:SASRec": dict(common_fields, model="SASRec", batch_size=1024, steps=3, samples_per_s=900.0,
-                             median_step_s=1.1, trainable_params=1234),
+                             samples_per_s_with_loading=850.0, median_step_s=1.1, trainable_params=1234),
         "eval:SASRecSeRALM": dict(common_fields, model="SASRecSeRALM", base="SASRec", seralm=summary,
                                   base_time={"min_s": 1.0, "median_s": 1.6, "runs": 3}, ratio=1.25),
         "eval:PAUPSeRALM": {"status": "failed", "returncode": 1, "error": "Traceback\nRuntimeError: x", "log": "l"},
@@ -178,7 +178,7 @@ def test_speed_render_and_jobs(tmp_path):
     text = speed.render(results, "cpu", env, "cmd", "t0", "t1", [None, None], "amazon-scientific")
     assert "| 100 | 2 x 64 | 50 / 60 | 2 | 50.0 (100.0) | 100.0 (200.0) | 0.50 | 500 | 1.5 |" in text
     assert "| 8 | 1 x 8 | 40 | 16 / 100 | 30 | 4.00 (8.00) | 4.00 (8.00) | 1.00 | 500 | 1.5 |" in text
-    assert "| SASRec | 1024 | 3 | 900.0 | 1.100 | 1,234 | 500 | 1.5 |" in text
+    assert "| SASRec | 1024 | 3 | 900.0 | 850.0 | 1.100 | 1,234 | 500 | 1.5 |" in text
     assert "| SASRecSeRALM | SASRec | 2.00 (1.00) | 1.60 (1.00) | 1.25x | 500 | 1.5 |" in text
     assert "eval:PAUPSeRALM: exit 1: `RuntimeError: x`" in text
     args, mode = speed.parse_args(["--quick", "--work-dir", str(tmp_path)])
