@@ -325,7 +325,11 @@ def render(table, mode, env, command, started, finished, loads, settings_notes):
            "leave-one-out split (time order), full ranking over all items. `time/run` is the whole run "
            "(data, one-time caches such as frozen recommenders or knowledge generation, training, evaluation); "
            "`peak RSS` the child process's maximum resident memory. A run that continued a killed attempt "
-           "(`--resume=True`, same results) is left out of `time/run` and marked *.", ""]
+           "(`--resume=True`, same results) is left out of `time/run` and marked *. Rows may mix thread counts "
+           "and machine load (each JSONL record has `torch_threads` and load averages), so `time/run` is a rough "
+           "guide across rows, not a speed comparison: `speed.py` makes those.", ""]
+    cuda = any(r.get("cuda_peak_mib") is not None for rows in table.values() for row in rows.values()
+               for r in row["ok"])
     commits = sorted({r.get("env", {}).get("git_commit", "not recorded (runs before 2026-11-30)")
                       for rows in table.values() for row in rows.values() for r in row["ok"]})
     if commits:
@@ -341,11 +345,14 @@ def render(table, mode, env, command, started, finished, loads, settings_notes):
             walls = [r["wall_s"] for r in row["ok"] if not r.get("resumed")]
             resumed = sum(1 for r in row["ok"] if r.get("resumed"))
             peaks = [r["peak_rss_mib"] for r in row["ok"]]
+            cuda_peaks = [r["cuda_peak_mib"] for r in row["ok"] if r.get("cuda_peak_mib") is not None]
             body.append([row["variant"].label] + [common.fmt_mean_std(_values(row, key)) for key, _ in METRICS]
                         + [status + "*" * bool(resumed), f"{common.mean_std(walls)[0]:.0f}" if walls else "-",
-                           f"{max(peaks):.0f}" if peaks else "-"])
+                           f"{max(peaks):.0f}" if peaks else "-"]
+                        + ([f"{max(cuda_peaks):.0f}" if cuda_peaks else "-"] if cuda else []))
         out += [common.markdown_table(["model"] + [name for _, name in METRICS]
-                                      + ["seeds", "time/run (s)", "peak RSS (MiB)"], body), ""]
+                                      + ["seeds", "time/run (s)", "peak RSS (MiB)"]
+                                      + (["CUDA peak (MiB)"] if cuda else []), body), ""]
     lines = claims(table)
     if lines:
         out += ["## Paper claims, as measured here", ""] + lines + [""]

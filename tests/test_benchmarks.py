@@ -105,6 +105,10 @@ def test_aggregate_claims_and_render():
     records[1] = dict(records[1], resumed=True, wall_s=3.0)  # continued a killed attempt: its time is partial
     text = quality.render(quality.aggregate(records, runs), "cpu", env, "cmd", "t0", "t1", [None, None], [])
     assert "| SASRec | 0.1020 ± 0.0028 | 0.0510 ± 0.0014 | 0.0255 ± 0.0007 | 2* | 10 | 100 |" in text
+    assert "CUDA peak" not in text and "guide across rows" in text
+    records[0] = dict(records[0], cuda_peak_mib=2048.0)  # a --gpu run: its CUDA peak gets a column
+    text = quality.render(quality.aggregate(records, runs), "gpu", env, "cmd", "t0", "t1", [None, None], [])
+    assert "| CUDA peak (MiB) |" in text and "| 2* | 10 | 100 | 2048 |" in text
 
 
 def test_failed_runs_are_listed_and_plot_is_written(tmp_path):
