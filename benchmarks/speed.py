@@ -112,6 +112,20 @@ def _reset_cuda_peak():
         torch.cuda.reset_peak_memory_stats()
 
 
+def _alternate(repeats, device, first, second):
+    """Time ``first()`` and ``second()`` in turn, ``repeats`` pairs, the order alternating (A B, B A, ...), so a
+    change in machine load hits both sides of a pair alike; returns (first's times, second's times)."""
+    times = ([], [])
+    for repeat in range(repeats):
+        for side in ((0, 1) if repeat % 2 == 0 else (1, 0)):
+            _sync(device)
+            start = time.perf_counter()
+            (first, second)[side]()
+            _sync(device)
+            times[side].append(time.perf_counter() - start)
+    return times
+
+
 def _summary(times):
     return {"min_s": min(times), "median_s": statistics.median(times), "runs": len(times)}
 
@@ -150,20 +164,11 @@ def section_refresh(spec):
             backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask),
                      use_cache=False)
 
-    refresh_times, backbone_times = [], []
     _reset_cuda_peak()
     with torch.no_grad():
         replay()  # warm-up of the replay path
-        # Interleaved, order alternating, so a change in machine load hits both sides of a pair alike.
-        for repeat in range(spec["repeats"]):
-            steps = [("refresh", lambda: model.refresh_item_matrix(force=True, show_progress=False)),
-                     ("backbone", replay)]
-            for name, step in steps if repeat % 2 == 0 else steps[::-1]:
-                _sync(device)
-                start = time.perf_counter()
-                step()
-                _sync(device)
-                (refresh_times if name == "refresh" else backbone_times).append(time.perf_counter() - start)
+        refresh_times, backbone_times = _alternate(
+            spec["repeats"], device, lambda: model.refresh_item_matrix(force=True, show_progress=False), replay)
     lengths = [shape[1] for shape, _ in shapes]
     refresh, plain = _summary(refresh_times), _summary(backbone_times)
     pair_ratios = [b / r for b, r in zip(backbone_times, refresh_times)]
@@ -223,12 +228,15 @@ def section_generation(spec):
             new_tokens += int((out[:, batch["input_ids"].size(1):] != tokenizer.pad_token_id).sum())
         return new_tokens
 
-    def pipeline(items=chosen):
-        done = [i for i in range(1, n + 1) if i not in set(items)]
+    def others(items):
+        wanted = set(items)
+        return [i for i in range(1, n + 1) if i not in wanted]
+
+    def pipeline(done):
         with tempfile.TemporaryDirectory() as directory:
             config["knowledge_cache_dir"] = directory
             key, meta = knowledge_key(config["dataset"], source_texts, config)
-            # every other item is marked done, so the resumable pipeline generates exactly `items`
+            # the items in `done` are marked done, so the resumable pipeline generates exactly the others
             KnowledgeCache(directory, key, meta).append_batch(done, [""] * len(done))
             texts = generate_knowledge(dataset, config, llm=llm, tokenizer=tokenizer, progress=False)
         return texts
@@ -236,27 +244,21 @@ def section_generation(spec):
     with torch.no_grad():  # warm-up of both paths (the pipeline's shared-prefix cache included)
         llm.generate(**tokenizer(batches[0][:2], padding=True, add_special_tokens=special,
                                  return_tensors="pt").to(device), **dict(options, max_new_tokens=2))
-    pipeline(order[:2])
+    pipeline(others(order[:2]))
+    not_chosen = others(chosen)  # outside the clock
     _reset_cuda_peak()
-    pipe_times, plain_times, tokens, texts = [], [], 0, None
+    tokens, texts = 0, None
 
     def timed_pipeline():
         nonlocal texts
-        texts = pipeline()
+        texts = pipeline(not_chosen)
 
     def timed_plain():
         nonlocal tokens
         with torch.no_grad():
             tokens = plain()
 
-    for repeat in range(spec["repeats"]):  # A B, B A, ...: pairs see the same machine state, neither always first
-        steps = [(pipe_times, timed_pipeline), (plain_times, timed_plain)]
-        for times, step in steps if repeat % 2 == 0 else steps[::-1]:
-            _sync(device)
-            start = time.perf_counter()
-            step()
-            _sync(device)
-            times.append(time.perf_counter() - start)
+    pipe_times, plain_times = _alternate(spec["repeats"], device, timed_pipeline, timed_plain)
     pipe, base = _summary(pipe_times), _summary(plain_times)
     prompt_lengths = [len(tokenizer(p, add_special_tokens=special)["input_ids"]) for b in batches for p in b]
     return {"items": len(chosen), "batch_size": batch_size, "batches": len(batches),
