@@ -66,20 +66,42 @@ RANGES = {
     "train_batch_size": POSITIVE_INT,
 }
 
-# key -> allowed values of the plugin's string switches (checked here so a typo stops the run before any file is
-# written; the models check again for configs built elsewhere).
-CHOICES = {
-    "pooling": ("suffix", "mean", "eos"),
-    "template": ("default", "no_single_token", "no_instruction", "item_instruction"),
-    "suffix_init": ("random", "eos"),
-    "no_mformer_prefix": ("learned", "linear"),
-    "router_gradient": ("gate", "lb_only"),
-    "frozen_sr_model": ("BERT4Rec", "SASRec"),
-    "knowledge_source": ("llm", "item_text", "checkpoint"),
-    "generator_mode": ("sync", "ray"),
-    "kl_estimator": ("k1", "k2", "k3"),
-    "knowledge_concat": ("split", "widen"),
-}
+
+@functools.lru_cache(maxsize=1)
+def choices():
+    """key -> allowed values of the plugin's string switches, taken from the modules that read them (imported
+    lazily: they import this module). Checked at Config time so a typo stops the run before any file is written;
+    the models check their own keys again for configs built elsewhere (stock RecBole)."""
+    from recbole_llm.data.knowledge import KNOWLEDGE_SOURCES
+    from recbole_llm.model.frozen_sr import SUPPORTED_SR
+    from recbole_llm.model.sequential_recommender.laser import NO_MFORMER_PREFIXES, POOLINGS, SUFFIX_INITS, TEMPLATES
+    from recbole_llm.model.sequential_recommender.mformer import ROUTER_GRADIENTS
+    from recbole_llm.model.sequential_recommender.seralm import KNOWLEDGE_CONCATS
+    from recbole_llm.trainer.alignment_trainer import GENERATOR_MODES, KL_ESTIMATORS
+
+    return {
+        "pooling": POOLINGS,
+        "template": tuple(TEMPLATES),
+        "suffix_init": SUFFIX_INITS,
+        "no_mformer_prefix": NO_MFORMER_PREFIXES,
+        "router_gradient": ROUTER_GRADIENTS,
+        "frozen_sr_model": SUPPORTED_SR,
+        "knowledge_source": (*KNOWLEDGE_SOURCES, "checkpoint"),  # checkpoint: read by the SeRALM models themselves
+        "generator_mode": GENERATOR_MODES,
+        "kl_estimator": KL_ESTIMATORS,
+        "knowledge_concat": KNOWLEDGE_CONCATS,
+    }
+
+
+def check_choices(config, keys=None):
+    """ConfigError for a string switch (``keys``, default all of :func:`choices`) set to a value it does not take."""
+    from recbole_llm.config import config_get
+
+    table = choices()
+    for key in keys or table:
+        value = config_get(config, key)
+        if value is not None and value not in table[key]:
+            raise ConfigError(f"Config key '{key}' = {value!r} is not one of {', '.join(map(repr, table[key]))}.")
 
 
 @functools.lru_cache(maxsize=1)
@@ -156,10 +178,7 @@ def validate_config(config):
                 f"recbole_llm/properties/model/{config['model']}.yaml; set allow_unknown_keys: True to pass "
                 f"custom keys.")
     if config["model"] in PLUGIN_MODELS:
-        for key, allowed in CHOICES.items():
-            value = final.get(key)
-            if value is not None and value not in allowed:
-                raise ConfigError(f"Config key '{key}' = {value!r} is not one of {', '.join(map(repr, allowed))}.")
+        check_choices(config)
     for key, (predicate, expected) in RANGES.items():
         value = final.get(key)
         if value is not None and not predicate(value):

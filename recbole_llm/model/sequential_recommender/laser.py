@@ -37,13 +37,13 @@ from tqdm.auto import tqdm
 
 from recbole_llm.config import apply_plugin_defaults
 from recbole_llm.data.item_text import item_texts
+from recbole_llm.errors import ConfigError
 from recbole_llm.faults import kill_point
 from recbole_llm.llm.encode import hidden_states_from_embeds, last_hidden_from_embeds
 from recbole_llm.llm.loader import hidden_size, input_embeddings, load_causal_lm
 from recbole_llm.model.frozen_sr import load_frozen_sr
-from recbole_llm.errors import ConfigError
 from recbole_llm.model.sequential_recommender.mformer import LearnedPrefix, LinearPrefix, MFormer
-from recbole_llm.validation import check_softmax_training
+from recbole_llm.validation import check_choices, check_softmax_training
 
 USER_INSTRUCTION = ("You are an intelligent recommendation assistant. Please summarize the user's characteristics "
                     "into a single token based on the browsing history. In chronological order, the user has "
@@ -83,13 +83,7 @@ class Laser(SequentialRecommender):
         self.use_prefix = config["use_prefix"]
         self.iic_positive_grad = config["iic_positive_grad"]
         self.encode_batch_size = config["encode_batch_size"]
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        if config["template"] not in TEMPLATES:
-            raise ValueError(f"template must be one of {sorted(TEMPLATES)}, got {config['template']!r}")
-        for key, allowed in (("suffix_init", SUFFIX_INITS), ("no_mformer_prefix", NO_MFORMER_PREFIXES)):
-            if config[key] not in allowed:
-                raise ConfigError(f"{key} must be one of {allowed}, got {config[key]!r}")
+        check_choices(config, ("pooling", "template", "suffix_init", "no_mformer_prefix"))
 
         # frozen parts
         self.llm, self.tokenizer = load_causal_lm(config["llm_path"], device=self.device, dtype=config["llm_dtype"],

@@ -22,6 +22,8 @@ Choices where the paper is silent (documented here and in Laser.yaml):
 import torch
 from torch import nn
 
+ROUTER_GRADIENTS = ("gate", "lb_only")
+
 
 def masked_router_probs(logits, mask):
     """Per-item expert probabilities p_{i,j} (Eq. 6) and their mean over real items r_j (Eq. 7).
@@ -83,8 +85,8 @@ class MFormer(nn.Module):
     def __init__(self, collab_size, llm_size, n_experts=8, n_query_tokens=32, hidden_size=768, n_layers=12,
                  n_heads=12, inner_size=3072, dropout=0.1, router_gradient="gate"):
         super().__init__()
-        if router_gradient not in ("gate", "lb_only"):
-            raise ValueError(f"router_gradient must be 'gate' or 'lb_only', got {router_gradient!r}")
+        if router_gradient not in ROUTER_GRADIENTS:
+            raise ValueError(f"router_gradient must be one of {ROUTER_GRADIENTS}, got {router_gradient!r}")
         if hidden_size % n_heads:
             raise ValueError(f"mformer_hidden_size ({hidden_size}) must be divisible by mformer_n_heads ({n_heads})")
         self.n_experts = n_experts
@@ -136,8 +138,9 @@ class LearnedPrefix(nn.Module):
 
 
 class LinearPrefix(nn.Module):
-    """Ablation "w/o M-Former" with ``no_mformer_prefix: linear``: the SR's user state (its state at the last real item) projected linearly
-    to L prefix tokens, as the linear-projection baselines the paper compares against (CoLLM-style)."""
+    """Ablation "w/o M-Former" with ``no_mformer_prefix: linear``: the SR's user state (its state at the last real
+    item) projected linearly to L prefix tokens, as the linear-projection baselines the paper compares against
+    (CoLLM-style)."""
 
     def __init__(self, collab_size, llm_size, n_query_tokens):
         super().__init__()

@@ -41,6 +41,8 @@ from recbole_llm.config import apply_plugin_defaults, config_get
 from recbole_llm.model.sequential_recommender.paup import PAUP
 from recbole_llm.validation import check_softmax_training
 
+KNOWLEDGE_CONCATS = ("split", "widen")  # see the module docstring
+
 
 class KnowledgeItemEmbedding(nn.Module):
     """Drop-in for ``nn.Embedding``: item vector = [ID embedding ; projected knowledge vector].
