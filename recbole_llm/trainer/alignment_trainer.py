@@ -348,9 +348,8 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
         instance_items = instance_items_from(sample["membership"], sample["items"])
         self.optimizer.zero_grad()
         rec_loss = 0.0
-        for items, rows in by_sampled_items(instance_items):
-            index = torch.as_tensor(rows, dtype=torch.long, device=self.device)
-            loss = self.model.calculate_loss(interaction[index], knowledge_override={i: by_item[i] for i in items})
+        for rows, override in by_sampled_items(instance_items, by_item, self.device):
+            loss = self.model.calculate_loss(interaction[rows], knowledge_override=override)
             if isinstance(loss, tuple):
                 loss = sum(loss)
             rec_loss = rec_loss + loss * (len(rows) / len(instance_items))

@@ -150,12 +150,14 @@ def select_history_items(item_seq, item_seq_len, count):
     return out
 
 
-def by_sampled_items(instance_items):
-    """Row indices grouped by the tuple of items each row sampled knowledge for, in first-seen order."""
+def by_sampled_items(instance_items, vectors_by_item, device):
+    """(rows, override) per group of rows that sampled knowledge for the same items, in first-seen order:
+    ``rows`` a LongTensor of row indices on ``device``, ``override`` {item: vector} of those items only."""
     groups = {}
     for row, items in enumerate(instance_items):
         groups.setdefault(tuple(items), []).append(row)
-    return list(groups.items())
+    return [(torch.as_tensor(rows, dtype=torch.long, device=device), {item: vectors_by_item[item] for item in items})
+            for items, rows in groups.items()]
 
 
 def instance_items_from(membership, items):
@@ -166,10 +168,8 @@ def instance_items_from(membership, items):
 def per_instance_log_prob(recommender, interaction, instance_items, vectors_by_item):
     """log p(y_b | x_b, s_b) [B]: row b's target under the recommender with only b's own samples in place."""
     out = torch.empty(len(instance_items), device=interaction[recommender.ITEM_SEQ].device)
-    for items, rows in by_sampled_items(instance_items):
-        index = torch.as_tensor(rows, dtype=torch.long, device=out.device)
-        override = {item: vectors_by_item[item] for item in items}
-        out[index] = recommender.target_log_prob(interaction[index], knowledge_override=override).float()
+    for rows, override in by_sampled_items(instance_items, vectors_by_item, out.device):
+        out[rows] = recommender.target_log_prob(interaction[rows], knowledge_override=override).float()
     return out
 
 
