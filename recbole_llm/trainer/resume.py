@@ -29,22 +29,13 @@ _DATA_DIGESTS = {}  # (files and their size/mtime) -> digest: hashing the data o
 
 def _data_files_digest(config):
     """``frozen_sr.data_digest`` of the dataset's atomic files, so a resume never continues on changed data."""
-    from recbole_llm.model.frozen_sr import data_digest
+    from recbole_llm.model.frozen_sr import data_digest, data_files
 
-    folder, name = config["data_path"], config["dataset"]
-    parts = config["benchmark_filename"] if "benchmark_filename" in config else None
-    stats = []
-    for suffix in ["inter", "item", "user"] + [f"{part}.inter" for part in parts or []]:
-        path = os.path.join(folder, f"{name}.{suffix}")
-        if os.path.isfile(path):
-            st = os.stat(path)
-            stats.append((os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino))
-    key = tuple(stats)
+    key = tuple((os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+                for path, st in ((path, os.stat(path)) for _, path in data_files(config)))
     if key not in _DATA_DIGESTS:
-        try:
-            _DATA_DIGESTS[key] = data_digest(config)
-        except FileNotFoundError:  # no atomic files (e.g. a dataset RecBole reads from elsewhere)
-            _DATA_DIGESTS[key] = "no-files"
+        # no atomic files (e.g. a dataset RecBole reads from elsewhere): nothing to digest
+        _DATA_DIGESTS[key] = data_digest(config) if key else "no-files"
     return _DATA_DIGESTS[key]
 
 
