@@ -21,14 +21,10 @@ def parse_value(text):
 
 def model_and_dataset(args, config_files):
     """--model/--dataset, else the last value set in the config files, as RecBole's run_hyper.py."""
-    import yaml
-
-    from recbole_llm.quick_start import check_config_files
+    from recbole_llm.quick_start import read_config_files
 
     found = {}
-    for path in check_config_files(config_files or []):
-        with open(path, encoding="utf-8") as f:
-            content = yaml.load(f.read(), Loader=yaml.FullLoader)
+    for _, content in read_config_files(config_files or []):
         found.update({k: content[k] for k in ("model", "dataset") if k in content})
     model = args.model or found.get("model")
     dataset = args.dataset or found.get("dataset")

@@ -38,9 +38,10 @@ def split_config_files(text):
     return text.split() or None if text else None
 
 
-def check_config_files(paths):
+def read_config_files(paths):
     """Each user config file must exist, parse as YAML and hold a mapping (an empty file counts as {}).
-    Returns the files that hold settings (empty ones are left out: RecBole's Config cannot merge them)."""
+    Returns (path, settings) of the files that hold settings (empty ones are left out: RecBole's Config cannot
+    merge them)."""
     import yaml
 
     kept = []
@@ -62,20 +63,29 @@ def check_config_files(paths):
         if not isinstance(content, dict):
             raise ConfigError(f"Config file '{path}' holds a {type(content).__name__}, expected a mapping of "
                               "'key: value' lines.")
-        kept.append(path)
+        kept.append((path, content))
     return kept
+
+
+def run_config_files(model, dataset, config_file_list=None, profile="none"):
+    """The YAML files a run merges, in order: the plugin's dataset/profile YAMLs, then the user's own (checked)."""
+    user_files = [path for path, _ in read_config_files(list(config_file_list or []))]
+    return default_config_files(model, dataset, profile) + user_files
+
+
+def config_from_files(model, dataset, files, config_dict=None, cmd_args=None):
+    """Config from the merged ``files`` (see ``run_config_files``), checked before anything is written."""
+    config = Config(model=model, dataset=dataset, config_file_list=files, config_dict=config_dict, cmd_args=cmd_args)
+    check_dataset_available(config)
+    check_run_inputs(config)
+    return config
 
 
 def build_config(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_args=None,
                  profile="none"):
     """Config with the plugin's dataset/profile YAMLs placed before the user's own files."""
-    config_file_list = check_config_files(list(config_file_list or []))
-    auto_files = default_config_files(model, dataset, profile)
-    config = Config(model=model, dataset=dataset, config_file_list=auto_files + config_file_list,
-                    config_dict=config_dict, cmd_args=cmd_args)
-    check_dataset_available(config)
-    check_run_inputs(config)  # before anything is written
-    return config
+    return config_from_files(model, dataset, run_config_files(model, dataset, config_file_list, profile),
+                             config_dict, cmd_args)
 
 
 def log_parameter_counts(model, logger):
@@ -91,12 +101,12 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
 
     Returns the same dict as ``run_recbole``.
     """
-    config = build_config(model, dataset, config_file_list, config_dict, cmd_args, profile)
+    files = run_config_files(model, dataset, config_file_list, profile)
+    config = config_from_files(model, dataset, files, config_dict, cmd_args)
     init_seed(config["seed"], config["reproducibility"])
     log_file = HeldLogFile(config)  # the log file appears once the data is read and the model built
     logger = getLogger()
     logger.info(sys.argv)
-    files = default_config_files(model, dataset, profile) + list(config_file_list or [])
     logger.info(f"config files: {files} (profile {resolve_profile(profile)})")
     logger.info(config)
     try:
