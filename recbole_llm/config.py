@@ -64,10 +64,9 @@ def apply_plugin_defaults(config, model_name):
 def _foreign_argv():
     """True when sys.argv belongs to a host program (pytest, a Ray worker) rather than to us."""
     prog = os.path.basename(sys.argv[0]) if sys.argv else ""
-    if "pytest" in sys.modules and ("pytest" in prog or prog.startswith("py.test")):
-        return True
-    # python -m pytest: argv[0] is .../pytest/__main__.py
-    if "pytest" in sys.modules and sys.argv and sys.argv[0].endswith(os.path.join("pytest", "__main__.py")):
+    # pytest, py.test, or python -m pytest (argv[0] is .../pytest/__main__.py)
+    if "pytest" in sys.modules and ("pytest" in prog or prog.startswith("py.test")
+                                    or (sys.argv and sys.argv[0].endswith(os.path.join("pytest", "__main__.py")))):
         return True
     return "ray" in sys.argv[0] and ("worker" in prog or "_private" in sys.argv[0])
 
