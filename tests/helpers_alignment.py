@@ -51,6 +51,7 @@ BASE_CONFIG = {
     "hidden_size": 16, "inner_size": 16, "n_layers": 1, "n_heads": 1, "embedding_size": 16,
     "k_interests": 2, "nv": 2, "nh": 2, "kernel_size": 2, "seg_num": 2, "channel_reduction": 4,
     "knowledge_proj_size": 8, "knowledge_max_new_tokens": 4, "knowledge_batch_size": 16,
+    "train_text_encoder": False,  # the YAML default is the paper's True; tests of it set it themselves
     "lora_r": 2, "lora_alpha": 4, "lora_dropout": 0.0, "lora_target_modules": ["q_proj", "v_proj"],
     "align_max_new_tokens": 5, "align_warmup_epochs": 0, "alignment_steps": 1, "frozen_base_epochs": 1,
     "llm_learning_rate": 1e-2, "refresh_every": 1, "generator_mode": "sync",

@@ -51,6 +51,7 @@ def tiny_config_dict(tmp_path, n_items=N_ITEMS, **overrides):
         "hidden_size": 16, "inner_size": 16, "n_layers": 1, "n_heads": 1, "embedding_size": 16,
         "k_interests": 2, "seg_num": 2, "kernel_size": 5, "channel_reduction": 4,
         "knowledge_proj_size": 6, "knowledge_dropout": 0.0,
+        "train_text_encoder": False,  # the YAML default is the paper's True; tests of it set it themselves
         "llm_path": tiny_llm_dir(), "encoder_path": tiny_encoder_dir(),
         "knowledge_cache_dir": str(tmp_path / "knowledge"), "knowledge_max_new_tokens": 4, "knowledge_batch_size": 4,
         "checkpoint_dir": str(tmp_path / "saved"), "show_progress": False, "state": "WARNING", "log_wandb": False,

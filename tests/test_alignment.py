@@ -285,14 +285,74 @@ def test_frozen_base_is_the_variants_base_trained_once_and_cached(tmp_path):
     assert base_model_name(tiny_config("LightSANsSeRALM", tmp_path)) == "LightSANs"
 
 
-def test_alignment_with_a_trained_text_encoder_is_refused(tmp_path, shared_knowledge):
-    from recbole_llm.errors import ConfigError
+def test_alignment_trains_the_text_encoder_jointly_and_keeps_the_aligned_texts(tmp_path, monkeypatch):
+    """Paper 4.3: "the text encoder is jointly optimized with the ID-based model". In alignment the generator
+    encodes s with the snapshot's encoder, Line 5 encodes the same s with the model's encoder (with gradients), and
+    phase C re-encodes the aligned texts with the fine-tuned encoder; the texts travel in the state_dict."""
+    from recbole_llm.checkpoint import atomic_torch_save, load_checkpoint
+    from recbole_llm.data import knowledge as K
     from recbole_llm.trainer.alignment_trainer import AlignmentTrainer
+    from recbole_llm.trainer.generator import build_lora_llm
 
-    config = tiny_config("SASRecSeRALM", tmp_path, knowledge_cache_dir=shared_knowledge, train_text_encoder=True)
-    _, train, _, _ = tiny_data(config)
-    with pytest.raises(ConfigError, match="train_text_encoder: False"):
-        AlignmentTrainer(config, tiny_model(config, train))
+    config = tiny_config("SASRecSeRALM", tmp_path, train_text_encoder=True, alignment_steps=2, refresh_every=1,
+                         align_batch_size=5, learning_rate=0.01,
+                         frozen_base_cache_dir=str(tmp_path / "frozen_base"))
+    dataset, train, valid, _ = tiny_data(config)
+    # Base knowledge with words in it (the tiny LLM's greedy answers are empty, i.e. zero vectors).
+    K.generate_knowledge(dataset, config, generate_fn=lambda prompts: [f"base: {p[-60:]}" for p in prompts],
+                         progress=False)
+    model = tiny_model(config, train)
+    assert all(t.startswith("base: ") for t in model.knowledge_texts[1:])
+    trainer = AlignmentTrainer(config, model)
+    trainer.llm, trainer.tokenizer = build_lora_llm(config, device=trainer.device)
+    encoder_before = {k: v.clone() for k, v in model.text_encoder.state_dict().items()}
+    calls = []
+    encode = type(model).encode_knowledge_texts
+
+    def spy(self, texts):
+        calls.append((self is model, torch.is_grad_enabled(), list(texts)))
+        return encode(self, texts)
+
+    monkeypatch.setattr(type(model), "encode_knowledge_texts", spy)
+    trainer.alignment_steps(train, train._dataset)
+    generator_texts = [texts for own, grad, texts in calls if not own]
+    line5_texts = [texts for own, grad, texts in calls if own and grad]
+    assert len(generator_texts) == 2 and all(not grad for own, grad, _ in calls if not own)
+    assert all(texts in line5_texts for texts in generator_texts)  # the very samples, now with gradients
+    assert any(t.strip() for texts in generator_texts for t in texts)  # non-empty samples: a real gradient path
+    assert any(not torch.equal(v, encoder_before[k]) for k, v in model.text_encoder.state_dict().items())
+
+    generate = K.generate_knowledge
+    monkeypatch.setattr(K, "generate_knowledge", lambda dataset, cfg, llm=None, tokenizer=None, **kwargs: generate(
+        dataset, cfg, generate_fn=lambda prompts: [f"aligned: {p[-60:]}" for p in prompts], **kwargs))
+    trainer.regenerate_knowledge(train._dataset)
+    aligned_texts = list(model.knowledge_texts)
+    assert aligned_texts[0] == "" and all(t.startswith("aligned: ") for t in aligned_texts[1:])
+    model.eval()
+    with torch.no_grad():
+        own = encode(model, aligned_texts[1:])
+    assert torch.allclose(model.knowledge_vectors[1:], own, atol=1e-6)  # the fine-tuned encoder's vectors
+    original = K.encode_knowledge(aligned_texts, config, progress=False)
+    assert not torch.allclose(model.knowledge_vectors.cpu(), original.cpu(), atol=1e-6)  # not the original encoder's
+
+    path = str(tmp_path / "aligned.pth")
+    atomic_torch_save({"state_dict": model.state_dict()}, path)
+    reload_config = tiny_config("SASRecSeRALM", tmp_path, train_text_encoder=True, knowledge_source="checkpoint",
+                                knowledge_text_dim=model.knowledge_vectors.size(1))
+    reloaded = tiny_model(reload_config, train)
+    reloaded.load_state_dict(load_checkpoint(path)["state_dict"])
+    assert reloaded.knowledge_texts == aligned_texts
+    assert torch.equal(reloaded.knowledge_vectors, model.knowledge_vectors)
+    state = model.state_dict()
+    state["knowledge_text_store._extra_state"] = {"texts": aligned_texts[:3]}
+    with pytest.raises(ValueError, match="knowledge texts must be a list of"):
+        reloaded.load_state_dict(state)
+
+    trainer.aligned = True
+    trainer.fit(train, valid, saved=False)  # RecBole's training re-encodes the aligned texts, not the base ones
+    assert model.knowledge_texts == aligned_texts
+    with torch.no_grad():
+        assert torch.allclose(model.knowledge_vectors[1:], encode(model, aligned_texts[1:]), atol=1e-6)
 
 
 def test_ray_generator_shares_the_trainers_gpu_and_dtype_by_default(tmp_path, shared_knowledge, monkeypatch):

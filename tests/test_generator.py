@@ -28,20 +28,21 @@ def parts(tmp_path_factory):
     options = generator_options(config)
     batch = next(iter(train))
     return dict(config=config, model=model, frozen_base=frozen_base, llm=llm, tokenizer=tokenizer, prompts=prompts,
-                options=options, encode=KnowledgeEncoder(config, device="cpu"), batch=batch, n_items=dataset.item_num)
+                options=options, encode=KnowledgeEncoder(config, device="cpu"), batch=batch, n_items=dataset.item_num,
+                train=train, tmp=tmp)
 
 
-def _snapshot(parts):
-    from recbole_llm.trainer.generator import lora_state
+def _snapshot(parts, model=None):
+    from recbole_llm.trainer.generator import cpu_state, lora_state
 
-    return lambda: (lora_state(parts["llm"]), {k: v.clone() for k, v in parts["model"].state_dict().items()})
+    return lambda: (lora_state(parts["llm"]), cpu_state((model or parts["model"]).state_dict()))
 
 
-def _sync(parts, refresh_every):
+def _sync(parts, refresh_every, model=None):
     from recbole_llm.trainer.generator import SyncGenerator
 
-    return SyncGenerator(parts["llm"], parts["tokenizer"], parts["prompts"], parts["model"], parts["frozen_base"],
-                         parts["encode"], parts["options"], refresh_every)
+    return SyncGenerator(parts["llm"], parts["tokenizer"], parts["prompts"], model or parts["model"],
+                         parts["frozen_base"], parts["encode"], parts["options"], refresh_every)
 
 
 def test_refresh_happens_every_n_steps(parts):
@@ -115,21 +116,39 @@ def test_snapshot_is_stale_between_refreshes(parts):
                     p.copy_(lora_saved[name])
 
 
-def test_ray_generator_returns_the_same_batches_as_sync(parts):
+def test_empty_samples_encode_to_zero_as_in_the_knowledge_matrix(parts):
+    from recbole_llm.data.knowledge import encode_knowledge
+
+    texts = ["", "glass beaker for a lab", "  "]
+    vectors = parts["encode"](texts)
+    assert torch.all(vectors[0] == 0) and torch.all(vectors[2] == 0)
+    cached = encode_knowledge(["", texts[1]], parts["config"], progress=False)  # row 0 there is padding
+    assert torch.allclose(vectors[1], cached[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("trainable_encoder", [False, True], ids=["fixed-encoder", "trained-encoder"])
+def test_ray_generator_returns_the_same_batches_as_sync(parts, trainable_encoder):
+    """With a trained encoder the snapshot carries it (and the knowledge texts, as extra state) to the actor."""
     ray = pytest.importorskip("ray")
     from recbole_llm.trainer.generator import RayGenerator
 
-    sync = _sync(parts, refresh_every=2)
+    model = parts["model"]
+    if trainable_encoder:
+        model = tiny_model(tiny_config("SASRecSeRALM", parts["tmp"], train_text_encoder=True), parts["train"])
+        with torch.no_grad():  # an encoder that differs from the original one, as after some training
+            for p in model.text_encoder.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    sync = _sync(parts, refresh_every=2, model=model)
     ray_was_running = ray.is_initialized()
     try:
-        remote = RayGenerator(parts["config"], parts["prompts"], parts["model"], parts["frozen_base"], parts["encode"],
+        remote = RayGenerator(parts["config"], parts["prompts"], model, parts["frozen_base"], parts["encode"],
                               parts["options"], refresh_every=2, num_cpus=1, prefetch=2)
     except Exception as err:  # pragma: no cover - only where Ray cannot start at all
         pytest.skip(f"ray could not start here: {err}")
     try:
         # Same snapshot for both; the actor built its own LLM from llm_path and got LoRA params only.
-        remote.maybe_refresh(0, _snapshot(parts))
-        sync.maybe_refresh(0, _snapshot(parts))
+        remote.maybe_refresh(0, _snapshot(parts, model))
+        sync.maybe_refresh(0, _snapshot(parts, model))
         for seed in (11, 12):
             remote.submit(parts["batch"], seed=seed)  # both queued ahead, computed while we wait on none
         for seed in (11, 12):
@@ -143,6 +162,9 @@ def test_ray_generator_returns_the_same_batches_as_sync(parts):
             for a, b in zip(got["orig_token_logps"], expected["orig_token_logps"]):
                 assert torch.allclose(a, b, atol=1e-5)
             assert got["snapshot_step"] == 0 and got["snapshot_digest"] == expected["snapshot_digest"]
+            original = parts["encode"](got["texts"])  # the config's fixed encoder
+            assert any(t.strip() for t in got["texts"])
+            assert torch.allclose(got["knowledge"], original, atol=1e-5) != trainable_encoder
     finally:
         remote.close()
     assert ray.is_initialized() == ray_was_running  # Ray it started is shut down; a running one is left alone

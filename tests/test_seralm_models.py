@@ -94,7 +94,7 @@ def test_knowledge_override_changes_only_the_overridden_item(built, name):
     new = model.target_log_prob(batch, knowledge_override={item: vector})
     assert not torch.allclose(new, base)
     # the override scores item differently, and leaves every other item's raw score in row 0 untouched
-    with model._knowledge(model._override_table({item: vector})):
+    with model._knowledge(model.override_table({item: vector})):
         full_after = model.full_sort_predict(batch)
     changed = (full_after - full_before).abs()[0] > 1e-6
     assert changed.nonzero().flatten().tolist() == [item]

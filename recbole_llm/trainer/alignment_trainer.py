@@ -33,7 +33,10 @@ Choices where the paper is silent or loose (each is a config key, paper behaviou
 - the frozen base p(y|x) is the variant's own base architecture trained once on the same split
   (``frozen_base_model``/``frozen_base_checkpoint``); the warm-up phase A and the regenerate phase C are
   our explicit schedule around Algorithm 1;
-- alignment runs in one process (no DDP); the text encoder is not trained during alignment.
+- alignment runs in one process (no DDP);
+- ``train_text_encoder`` (paper 4.3: the encoder is trained jointly with the recommender): the encoder is part
+  of the recommender (theta_r). Line 5 encodes each sampled s and the batch's other items with it, with
+  gradients; the generator encodes s with the snapshot's encoder; phase C re-encodes the aligned texts with it.
 """
 
 import os
@@ -48,7 +51,6 @@ from tqdm.auto import tqdm
 
 from recbole_llm.checkpoint import atomic_torch_save, load_checkpoint
 from recbole_llm.config import config_get
-from recbole_llm.errors import ConfigError
 from recbole_llm.faults import kill_point
 from recbole_llm.fileio import atomic_path
 from recbole_llm.trainer.alignment_loss import alignment_llm_loss, importance_weights
@@ -64,6 +66,7 @@ from recbole_llm.trainer.generator import (
     SyncGenerator,
     build_lora_llm,
     by_sampled_items,
+    cpu_state,
     generator_options,
     instance_items_from,
     item_prompts,
@@ -181,12 +184,6 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
         if self.generator_mode not in GENERATOR_MODES:
             raise ValueError(f"generator_mode must be one of {GENERATOR_MODES}, got {self.generator_mode!r}.")
         self.refresh_every = int(config_get(config, "refresh_every", 50))
-        if self.alignment and getattr(model, "train_text_encoder", False):
-            raise ConfigError(
-                "alignment: True with train_text_encoder: True is not supported: the generator encodes its samples "
-                "and the aligned knowledge with the original text encoder, while the model would re-encode its "
-                "texts with its own fine-tuned one, so the two would not describe items in the same space. Set "
-                "train_text_encoder: False (the default) for aligned runs.")
         self.llm = self.tokenizer = None
         self.adapter_version = None
         self.aligned = False
@@ -259,7 +256,7 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
     def snapshot(self):
         """(LoRA state, recommender state) as CPU copies: what the trainer job sends the generator."""
         lora = lora_state(self.llm)
-        rec_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        rec_state = cpu_state(self.model.state_dict())
         self._last_snapshot = (lora, rec_state)
         return lora, rec_state
 
@@ -344,12 +341,20 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
         # Line 5 / Eq. 9: the recommender maximises log p(y|x,s) with each instance's own sampled knowledge as
         # input; rows that sampled the same items share one pass, weighted so the sum is the batch mean.
         self.model.train()
-        by_item = {item: sample["knowledge"][u].to(self.device) for u, item in enumerate(sample["items"])}
-        instance_items = instance_items_from(sample["membership"], sample["items"])
         self.optimizer.zero_grad()
+        if getattr(self.model, "train_text_encoder", False):
+            # The encoder is part of theta_r: s and the batch's other items are encoded by it, with gradients, once
+            # per step (every group below indexes the same tables).
+            base = self.model.fresh_knowledge_table(interaction)
+            vectors = self.model.encode_knowledge_texts(sample["texts"])
+        else:
+            base, vectors = None, sample["knowledge"].to(self.device)
+        by_item = {item: vectors[u] for u, item in enumerate(sample["items"])}
+        instance_items = instance_items_from(sample["membership"], sample["items"])
         rec_loss = 0.0
         for rows, override in by_sampled_items(instance_items, by_item, self.device):
-            loss = self.model.calculate_loss(interaction[rows], knowledge_override=override)
+            table = self.model.override_table(override, base=base)
+            loss = self.model.calculate_loss(interaction[rows], knowledge_override=table)
             if isinstance(loss, tuple):
                 loss = sum(loss)
             rec_loss = rec_loss + loss * (len(rows) / len(instance_items))
@@ -385,8 +390,10 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
         self.llm.eval()
         texts = generate_knowledge(dataset, self.config, llm=self.llm, tokenizer=self.tokenizer,
                                    adapter_version=self.adapter_version, progress=show_progress)
-        vectors = encode_knowledge(texts, self.config, progress=show_progress)
-        self.model.set_knowledge_vectors(vectors)
+        if getattr(self.model, "train_text_encoder", False):
+            self.model.set_knowledge_texts(texts)  # encoded by the model's own, jointly trained encoder
+        else:
+            self.model.set_knowledge_vectors(encode_knowledge(texts, self.config, progress=show_progress))
         self.logger.info(set_color("alignment phase C", "green")
                          + f": knowledge regenerated with adapter {self.adapter_version}")
 

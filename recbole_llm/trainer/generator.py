@@ -23,6 +23,10 @@ Two interchangeable jobs:
 - ``RayGenerator``: a Ray actor holding its own LLM, recommender and frozen recommender; it receives
   snapshots as state dicts (LoRA parameters only for the LLM) and works through submitted batches
   while the trainer trains. Ray is imported only here.
+
+With ``train_text_encoder`` the text encoder belongs to the recommender, so a snapshot carries it and the
+generator encodes s with the snapshot's encoder (the one p(y|x,s) is computed with); otherwise it encodes
+with the config's fixed encoder, exactly as the knowledge matrix was encoded.
 """
 
 import contextlib
@@ -150,6 +154,20 @@ def select_history_items(item_seq, item_seq_len, count):
     return out
 
 
+def cpu_state(state):
+    """CPU copies of a state dict's tensors; other entries (a module's extra state, e.g. knowledge texts) as is."""
+    return {k: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else copy.deepcopy(v) for k, v in state.items()}
+
+
+def recommender_copy(model):
+    """The generator job's own copy of the recommender. A trainable text encoder's "re-encode every item when
+    switched to eval" is cleared on the copy: its knowledge matrix arrives with every snapshot."""
+    clone = copy.deepcopy(model)
+    if getattr(clone, "_encoder_stale", False):
+        clone._encoder_stale = False
+    return clone
+
+
 def by_sampled_items(instance_items, vectors_by_item, device):
     """(rows, override) per group of rows that sampled knowledge for the same items, in first-seen order:
     ``rows`` a LongTensor of row indices on ``device``, ``override`` {item: vector} of those items only."""
@@ -175,8 +193,8 @@ def per_instance_log_prob(recommender, interaction, instance_items, vectors_by_i
 
 class KnowledgeEncoder:
     """texts -> sentence vectors [n, d_text] with the config's text encoder, exactly as the knowledge
-    matrix is encoded (mean pooling, L2-normalised, ``knowledge_encoder_max_length``), without the disk
-    cache or the padding row of ``encode_knowledge``. Loads the encoder on first use (picklable before)."""
+    matrix is encoded (mean pooling, L2-normalised, ``knowledge_encoder_max_length``, 0 for an empty text),
+    without the disk cache or the padding row of ``encode_knowledge``. Loads the encoder on first use (picklable before)."""
 
     def __init__(self, config, device=None):
         from recbole_llm.data.knowledge import cfg
@@ -198,8 +216,14 @@ class KnowledgeEncoder:
         if self.encoder is None:
             self.encoder = load_text_encoder(self.path, device=self.device)
         model, tokenizer = self.encoder
-        return mean_pool_encode(model, tokenizer, list(texts), max_length=self.max_length, normalize=True,
-                                progress=False)
+        texts = list(texts)
+        # An empty sample means "no knowledge", a zero vector, as encode_knowledge writes for an empty text.
+        vectors = torch.zeros(len(texts), model.config.hidden_size)
+        rows = [i for i, text in enumerate(texts) if text.strip()]
+        if rows:
+            vectors[rows] = mean_pool_encode(model, tokenizer, [texts[i] for i in rows], max_length=self.max_length,
+                                             normalize=True, progress=False).float().cpu()
+        return vectors
 
 
 def item_prompts(dataset, config, tokenizer):
@@ -246,7 +270,7 @@ class GeneratorCore:
             raise ValueError(f"LoRA snapshot misses {len(missing)} parameters, e.g. {sorted(missing)[0]!r}.")
         self.snapshot = {n: values[n].to(p.device, p.dtype) for n, p in named.items()}
         device = next(self.recommender.parameters()).device
-        self.recommender.load_state_dict({k: v.to(device) for k, v in rec_state.items()})
+        self.recommender.load_state_dict({k: v.to(device) if torch.is_tensor(v) else v for k, v in rec_state.items()})
         self.snapshot_step = step
         self.snapshot_digest = state_digest(lora)
 
@@ -280,7 +304,10 @@ class GeneratorCore:
                                      pad_token_id=self.tokenizer.pad_token_id)
         self.llm.train(was_training)
         texts = [g["text"] for g in gens]
-        vectors = self.encode(texts).float()
+        if getattr(rec, "train_text_encoder", False):
+            vectors = rec.encode_knowledge_texts(texts).float()  # the snapshot's encoder, trained with the model
+        else:
+            vectors = self.encode(texts).float()
         by_item = {item: vectors[u].to(device) for u, item in enumerate(unique)}
         logp_s = per_instance_log_prob(rec, interaction, instance_items, by_item)
         logp_base = base_log_prob(self.frozen_base, interaction)
@@ -361,7 +388,7 @@ class SyncGenerator(GeneratorJob):
 
     def __init__(self, llm, tokenizer, prompts, recommender, frozen_base, encode, options, refresh_every):
         super().__init__(refresh_every)
-        self.core = GeneratorCore(llm, tokenizer, prompts, copy.deepcopy(recommender), frozen_base, encode, options)
+        self.core = GeneratorCore(llm, tokenizer, prompts, recommender_copy(recommender), frozen_base, encode, options)
         self.pending = deque()
 
     def refresh(self, lora, rec_state, step):
@@ -426,13 +453,13 @@ class RayGenerator(GeneratorJob):
             self._owns_ray = True
         actor_class = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(_GeneratorActor)
         # The actor gets its own copies (pickled once); afterwards only state dicts travel.
-        self.actor = actor_class.remote(config, list(prompts), copy.deepcopy(recommender).cpu(),
+        self.actor = actor_class.remote(config, list(prompts), recommender_copy(recommender).cpu(),
                                         copy.deepcopy(frozen_base).cpu(), encode, dict(options), num_cpus, dtype)
         self.prefetch = int(prefetch)
         self.futures = deque()
 
     def refresh(self, lora, rec_state, step):
-        rec_state = {k: v.detach().to("cpu") for k, v in rec_state.items()}
+        rec_state = cpu_state(rec_state)
         # Not awaited: the actor runs calls in order, so batches submitted after this use the new snapshot.
         self._last_refresh = self.actor.refresh.remote(lora, rec_state, step)
 

@@ -23,7 +23,8 @@ Design choice (the paper does not give sizes), ``knowledge_concat``:
 
 Knowledge vectors (text-encoder outputs, [n_items, d_text]) are a buffer filled at construction from
 :func:`recbole_llm.data.knowledge.knowledge_matrix` (cached; the LLM is never run at recommendation
-time) and saved in the checkpoint's state_dict.
+time) and saved in the checkpoint's state_dict. With ``train_text_encoder`` the encoder and the knowledge
+texts it re-reads are saved there too, so an aligned checkpoint carries the aligned texts.
 """
 
 import contextlib
@@ -82,6 +83,28 @@ class KnowledgeItemEmbedding(nn.Module):
     def weight(self):
         items = torch.arange(self.num_embeddings, device=self.id_embedding.weight.device)
         return self._combine(self.id_embedding.weight, self.knowledge_table(), items)
+
+
+class KnowledgeTexts(nn.Module):
+    """The knowledge text of every item (by internal id) that a trainable text encoder re-encodes.
+
+    Kept in the state_dict as extra state: alignment replaces the texts (phase C), and a checkpoint or resume
+    state must bring back those texts, not the base ones the model was built with."""
+
+    def __init__(self, texts):
+        super().__init__()
+        self.texts = list(texts)
+
+    def get_extra_state(self):
+        return {"texts": list(self.texts)}
+
+    def set_extra_state(self, state):
+        texts = state.get("texts") if isinstance(state, dict) else None
+        if not isinstance(texts, list) or len(texts) != len(self.texts):
+            size = f" of {len(texts)}" if isinstance(texts, list) else ""
+            raise ValueError(f"the saved knowledge texts must be a list of {len(self.texts)} strings (one per item id), "
+                             f"got {type(texts).__name__}{size}.")
+        self.texts = [str(t) for t in texts]
 
 
 class SeRALMMixin:
@@ -169,14 +192,14 @@ class SeRALMMixin:
         with torch.no_grad():
             current.copy_(vectors.detach().to(current))
 
-    def _override_table(self, knowledge_override):
-        """A full [n_items, d_text] table from an override: a full tensor, or {item_id: vector}."""
-        base = self.item_embedding.knowledge_vectors
-        if knowledge_override is None:
-            return None
+    def override_table(self, knowledge_override, base=None):
+        """A full [n_items, d_text] table from an override: a full tensor, or {item_id: vector} put over ``base``
+        (default: the cached matrix; the trainer passes a freshly encoded one when the encoder trains). No override:
+        ``base`` as given (None: the model's own table)."""
+        if knowledge_override is None or (isinstance(knowledge_override, dict) and not knowledge_override):
+            return base
+        base = self.item_embedding.knowledge_vectors if base is None else base
         if isinstance(knowledge_override, dict):
-            if not knowledge_override:
-                return None
             ids = torch.as_tensor([int(i) for i in knowledge_override], dtype=torch.long, device=base.device)
             rows = torch.stack([torch.as_tensor(v) for v in knowledge_override.values()]).to(base)
             if rows.dim() != 2 or rows.size(1) != base.size(1):
@@ -199,15 +222,15 @@ class SeRALMMixin:
 
     # ---------------------------------------------------------------------------- training / scoring
     def calculate_loss(self, interaction, knowledge_override=None):
-        table = self._override_table(knowledge_override)
+        table = self.override_table(knowledge_override)
         if table is None and self.train_text_encoder and self.training:
-            table = self._fresh_knowledge_table(interaction)
+            table = self.fresh_knowledge_table(interaction)
         with self._knowledge(table):
             return super().calculate_loss(interaction)
 
     def target_log_prob(self, interaction, knowledge_override=None):
         """log p(y | x, s) [B] of each row's target item under the softmax over all items (as the CE loss)."""
-        with self._knowledge(self._override_table(knowledge_override)):
+        with self._knowledge(self.override_table(knowledge_override)):
             scores = self.full_sort_predict(interaction)
         target = interaction[self.POS_ITEM_ID].long().unsqueeze(1)
         return torch.log_softmax(scores, dim=-1).gather(1, target).squeeze(1)
@@ -218,11 +241,17 @@ class SeRALMMixin:
     # targets); the other candidates keep their cached vectors, and those rows are written back to the
     # cache. Cost: one encoder forward+backward over ~all distinct batch items per step (on CPU seconds
     # per step with MiniLM), plus a full re-encode of every item whenever the model switches to eval.
+    # Alignment (phase B) also encodes each sampled text with this encoder, with gradients, and phase C hands
+    # the aligned texts to set_knowledge_texts.
     def _setup_text_encoder(self, config, dataset):
         from recbole_llm.data.knowledge import cfg, knowledge_texts
         from recbole_llm.llm.loader import load_text_encoder
 
-        self.knowledge_texts = knowledge_texts(dataset, config)
+        if config["knowledge_source"] == "checkpoint":
+            texts = [""] * self.n_items  # filled by the state_dict that follows (the saved texts)
+        else:
+            texts = knowledge_texts(dataset, config)
+        self.knowledge_text_store = KnowledgeTexts(texts)
         encoder, tokenizer = load_text_encoder(cfg(config, "encoder_path"), device="cpu", dtype="float32")
         for param in encoder.parameters():
             param.requires_grad_(True)
@@ -231,19 +260,33 @@ class SeRALMMixin:
         self.encoder_max_length = int(cfg(config, "knowledge_encoder_max_length"))
         self._encoder_stale = False
 
-    def _encode_with_grad(self, items):
-        texts = [self.knowledge_texts[i] for i in items]
-        device = self.item_embedding.knowledge_vectors.device
-        batch = self.text_tokenizer(texts, padding=True, truncation=True, max_length=self.encoder_max_length,
-                                    return_tensors="pt").to(device)
+    @property
+    def knowledge_texts(self):
+        """The texts the trainable encoder reads, by item id ("" for padding)."""
+        return self.knowledge_text_store.texts
+
+    def encode_knowledge_texts(self, texts):
+        """Sentence vectors [n, d_text] of ``texts`` with the model's own (trainable) encoder, as the cached matrix
+        is made (mean pooling, L2 norm, an empty text gives 0); with gradients unless grad is disabled."""
+        texts = list(texts)
+        cached = self.item_embedding.knowledge_vectors
+        vectors = torch.zeros(len(texts), cached.size(1), device=cached.device, dtype=cached.dtype)
+        rows = [i for i, text in enumerate(texts) if text.strip()]
+        if not rows:  # the encoder cannot read an all-empty batch (zero tokens with some tokenizers)
+            return vectors
+        batch = self.text_tokenizer([texts[i] for i in rows], padding=True, truncation=True,
+                                    max_length=self.encoder_max_length, return_tensors="pt").to(cached.device)
         states = self.text_encoder(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
-        return F.normalize((states * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=-1)
+        encoded = F.normalize((states * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=-1)
+        return vectors.index_put((torch.as_tensor(rows, device=cached.device),), encoded.to(vectors.dtype))
 
-    def _fresh_knowledge_table(self, interaction):
+    def fresh_knowledge_table(self, interaction):
+        """The knowledge matrix with the batch's items (histories + targets) re-encoded with gradients; their
+        rows are also written back to the cached matrix."""
         items = torch.cat([interaction[self.ITEM_SEQ].flatten(), interaction[self.POS_ITEM_ID].flatten()])
         items = [i for i in torch.unique(items).tolist() if i != 0]
-        fresh = self._encode_with_grad(items)
+        fresh = self.encode_knowledge_texts([self.knowledge_texts[i] for i in items])
         ids = torch.as_tensor(items, device=fresh.device)
         with torch.no_grad():
             self.item_embedding.knowledge_vectors[ids] = fresh.detach()
@@ -252,12 +295,31 @@ class SeRALMMixin:
 
     @torch.no_grad()
     def refresh_knowledge_vectors(self, batch_size=64):
-        """Re-encode every item's knowledge with the current (fine-tuned) text encoder."""
-        rows = [self._encode_with_grad(list(range(start, min(start + batch_size, self.n_items))))
-                for start in range(1, self.n_items, batch_size)]
+        """Re-encode every item's knowledge with the current (fine-tuned) text encoder, its dropout off."""
+        was_training = self.text_encoder.training
+        self.text_encoder.eval()
+        try:
+            texts = self.knowledge_texts
+            rows = [self.encode_knowledge_texts(texts[start:start + batch_size])
+                    for start in range(1, self.n_items, batch_size)]
+        finally:
+            self.text_encoder.train(was_training)
         vectors = torch.cat([torch.zeros_like(rows[0][:1]), *rows]).detach()
         self.set_knowledge_vectors(vectors)
         self._encoder_stale = False
+
+    def set_knowledge_texts(self, texts):
+        """Replace every item's knowledge text (e.g. the aligned LLM's, phase C) and re-encode all of them with the
+        model's own encoder, which has been trained with the model."""
+        if not self.train_text_encoder:
+            raise RuntimeError("set_knowledge_texts needs train_text_encoder: True; otherwise encode the texts and "
+                               "call set_knowledge_vectors.")
+        texts = list(texts)
+        if len(texts) != self.n_items:
+            raise ValueError(f"set_knowledge_texts expects {self.n_items} texts (one per item id, padding first), "
+                             f"got {len(texts)}.")
+        self.knowledge_text_store.texts = texts
+        self.refresh_knowledge_vectors()
 
     def train(self, mode=True):
         result = super().train(mode)
