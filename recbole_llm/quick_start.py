@@ -12,13 +12,14 @@ import sys
 from logging import getLogger
 
 import torch
-from recbole.data import create_dataset, data_preparation
+from recbole.data import create_dataset
 from recbole.utils import get_environment, init_logger, init_seed, set_color
 
 from recbole_llm.checkpoint import load_checkpoint
 from recbole_llm.config import Config
 from recbole_llm.errors import ConfigError, UserInputError
 from recbole_llm.data.locate import check_dataset_available, default_config_files, resolve_profile
+from recbole_llm.data.preparation import data_preparation
 from recbole_llm.preflight import DataFileError, check_run_inputs
 from recbole_llm.run_log import HeldLogFile
 from recbole_llm.utils import get_model, get_trainer

@@ -19,6 +19,7 @@ PLUGIN_KEYS = {
     "item_text_fields", "item_text_max_chars", "item_text_display_names", "trust_pickled_checkpoint",
     "resume_checkpoint", "resume", "allow_unknown_keys", "world_size", "ip", "port", "nproc", "offset", "local_rank",
     "model", "dataset", "config_files", "profile",
+    "train_data_ratio",  # recbole_llm.data.preparation: train on a fixed fraction of the training data
     # keys RecBole derives itself but also accepts from the user
     "device", "single_spec", "MODEL_TYPE", "MODEL_INPUT_TYPE", "eval_type", "valid_neg_sample_args",
     "test_neg_sample_args", "eval_neg_sample_args",
@@ -36,6 +37,8 @@ NON_NEGATIVE_INT = _check(lambda v: isinstance(v, int) and not isinstance(v, boo
 NON_NEGATIVE = _check(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, "a number >= 0")
 POSITIVE = _check(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a number > 0")
 PROBABILITY = _check(lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a number in [0, 1)")
+FRACTION = _check(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1,
+                  "a number in (0, 1] or ~")
 
 # key -> (check, expected); None values are allowed where the YAML documents ~ as a choice.
 RANGES = {
@@ -60,6 +63,7 @@ RANGES = {
     "stage1_epochs": NON_NEGATIVE,
     "stage2_epochs": NON_NEGATIVE,
     "train_samples_per_epoch": POSITIVE_INT,
+    "train_data_ratio": FRACTION,
     "seg_num": POSITIVE_INT,
     "kernel_size": POSITIVE_INT,
     "learning_rate": POSITIVE,

@@ -68,7 +68,8 @@ def build(root, name="tiny-laser", **overrides):
     from recbole_llm.config import Config
     from recbole_llm.model.sequential_recommender.laser import Laser
 
-    write_tiny_dataset(root, name)
+    if not os.path.isdir(os.path.join(str(root), name)):  # a test may have written its own variant of the data
+        write_tiny_dataset(root, name)
     config = Config(model="Laser", dataset=name, config_dict=tiny_config_dict(root, name, **overrides), cmd_args=[])
     init_seed(config["seed"], config["reproducibility"])
     dataset = create_dataset(config)

@@ -32,7 +32,7 @@ DATA_KEYS = (
     "alias_of_entity_id", "alias_of_relation_id", "preload_weight", "normalize_field", "normalize_all",
     "ITEM_LIST_LENGTH_FIELD", "LIST_SUFFIX", "MAX_ITEM_LIST_LENGTH", "POSITION_FIELD", "benchmark_filename",
     "eval_args", "metrics", "topk", "valid_metric", "seed", "reproducibility", "use_gpu", "gpu_id",
-    "checkpoint_dir", "state", "show_progress", "worker",
+    "checkpoint_dir", "state", "show_progress", "worker", "train_data_ratio",
 )
 # Keys whose values decide the cached SR's weights, besides the data files' bytes and every DATA_KEYS value
 # except those in NOT_KEY_FIELDS.
@@ -150,9 +150,10 @@ def trainable_sr_class(name):
 
 def train_frozen_sr(sr_config, path, show_progress=False):
     """Train the SR with RecBole's model + trainer on the same data/split; save its best weights to ``path``."""
-    from recbole.data import create_dataset, data_preparation
+    from recbole.data import create_dataset
     from recbole.utils import init_seed
 
+    from recbole_llm.data.preparation import data_preparation
     from recbole_llm.utils import get_trainer
 
     init_seed(sr_config["seed"], sr_config["reproducibility"])

@@ -11,6 +11,9 @@ carry them and ``resume_checkpoint`` continues in the right stage.
 
 ``train_samples_per_epoch`` bounds the work per epoch: the first that many sequences of the epoch's shuffled
 order (RecBole's seeded shuffle), i.e. a fresh random subset each epoch.
+
+Zero-shot (paper 4.3, Figure 3): with ``init_checkpoint`` and no epochs in either stage, ``fit`` trains nothing: it
+computes this dataset's item matrix with the loaded weights, validates once and saves that model as the best.
 """
 
 import copy
@@ -31,8 +34,9 @@ class LaserTrainer(SafeCheckpointMixin, Trainer):
         super().__init__(config, model)
         self.stage1_epochs = 0 if config["skip_stage1"] else int(config["stage1_epochs"])
         self.stage2_epochs = 0 if config["skip_stage2"] else int(config["stage2_epochs"])
-        if self.stage1_epochs + self.stage2_epochs <= 0:
-            raise ValueError("Laser needs at least one epoch: stage1_epochs/stage2_epochs are 0 or both stages skipped")
+        if self.stage1_epochs + self.stage2_epochs <= 0 and not config["init_checkpoint"]:
+            raise ValueError("Laser needs at least one epoch: stage1_epochs/stage2_epochs are 0 or both stages skipped "
+                             "(no epochs at all is the zero-shot evaluation of an init_checkpoint)")
         self.epochs = self.stage1_epochs + self.stage2_epochs
         self.eval_step = max(1, min(config["eval_step"], self.epochs))
         self.samples_per_epoch = config["train_samples_per_epoch"]
@@ -125,7 +129,20 @@ class LaserTrainer(SafeCheckpointMixin, Trainer):
     def _load_resume_extra(self, extra):
         self._stage1_best = (extra or {}).get("stage1_best")
 
+    def _zero_shot(self, valid_data, verbose, saved, show_progress):
+        """No training: the loaded weights' item matrix, one validation, that model saved as the best."""
+        self._enter_stage2(verbose, saved=False)  # computes the item matrix once, from the loaded weights
+        if valid_data:
+            self.best_valid_score, self.best_valid_result = self._valid_epoch(valid_data, show_progress=show_progress)
+            if verbose:
+                self.logger.info(set_color("zero-shot valid result", "blue") + ": \n" + dict2str(self.best_valid_result))
+        if saved:
+            self._save_checkpoint(-1, verbose=verbose)
+        return self.best_valid_score, self.best_valid_result
+
     def _fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        if self.epochs == 0:
+            return self._zero_shot(valid_data, verbose, saved, show_progress)
         if saved and self.start_epoch >= self.epochs:
             self._save_checkpoint(-1)
         self.eval_collector.data_collect(train_data)

@@ -27,6 +27,7 @@ Choices where the paper is silent:
 """
 
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +36,10 @@ from recbole.utils import InputType, set_color
 from torch import nn
 from tqdm.auto import tqdm
 
-from recbole_llm.config import apply_plugin_defaults
+from recbole_llm.checkpoint import load_checkpoint
+from recbole_llm.config import apply_plugin_defaults, config_get
 from recbole_llm.data.item_text import item_texts
-from recbole_llm.errors import ConfigError
+from recbole_llm.errors import ConfigError, DataNotFoundError
 from recbole_llm.faults import kill_point
 from recbole_llm.llm.encode import hidden_states_from_embeds, last_hidden_from_embeds
 from recbole_llm.llm.loader import hidden_size, input_embeddings, load_causal_lm
@@ -115,6 +117,9 @@ class Laser(SequentialRecommender):
         self.param_version = 0  # bumped by the trainer after every optimizer step
         self.training_stage = 1
         self.other_parameter_name = ["item_matrix", "item_matrix_version", "param_version", "training_stage"]
+        if config["init_checkpoint"]:
+            self.load_trainable_weights(config["init_checkpoint"],
+                                        trust=bool(config_get(config, "trust_pickled_checkpoint", False)))
         self._log_parameter_counts()
 
     # ------------------------------------------------------------------------------------------ building
@@ -179,6 +184,27 @@ class Laser(SequentialRecommender):
         # checkpoint reload, restores the matrix saved with these weights).
         self.param_version += 1
         return result
+
+    def load_trainable_weights(self, path, trust=False):
+        """Start from the prefix/suffix/M-Former weights of another Laser run (paper 4.3: Laser trained on one domain,
+        then evaluated or fine-tuned on another). Nothing tied to that run's dataset is read: the frozen LLM and SR
+        are this run's, and the item matrix is computed for this dataset's items."""
+        if not os.path.isfile(path):
+            raise DataNotFoundError(f"init_checkpoint '{path}' does not exist; expected a Laser checkpoint such as "
+                                    "saved/Laser-<dataset>-<time>.pth.")
+        checkpoint = load_checkpoint(path, map_location="cpu", trust_pickled_code=trust)
+        state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+        if not isinstance(state, dict):
+            raise ConfigError(f"init_checkpoint '{path}' holds no 'state_dict'; expected a checkpoint saved by a "
+                              "RecBole trainer.")
+        try:
+            self.load_state_dict(state)
+        except RuntimeError as err:
+            raise ConfigError(
+                f"init_checkpoint '{path}' does not fit this Laser ({str(err).splitlines()[0]}); it must come from a "
+                "Laser with the same LLM, frozen SR width and prefix settings (use_prefix, use_mformer, n_experts, "
+                "n_query_tokens, M-Former sizes, pooling).") from None
+        logger.info(f"Laser: trainable weights loaded from init_checkpoint {path}")
 
     def mark_parameters_updated(self):
         """Called after each optimizer step: the cached item matrix is now stale."""

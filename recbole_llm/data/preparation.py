@@ -1,0 +1,50 @@
+"""RecBole's ``data_preparation`` plus ``train_data_ratio``: training on a fixed fraction of the training data.
+
+Laser's low-resource experiment (paper 4.3, Figure 3) trains on 5%, 10%, ... of the target domain's training
+data and evaluates on the full validation and test splits. ``train_data_ratio: r`` keeps a fixed random
+``round(r * n)`` (at least 1) of the n training instances, drawn with ``seed``, so every model (the baselines,
+Laser and the frozen ID-based recommender Laser reads) sees the same subset. An instance is one row RecBole trains
+on: for sequential models one (history, next item) pair of the augmented training data; the paper does not say
+whether it sampled instances or users, and instances keep every user's history in the evaluation.
+``~`` (the default) keeps everything; valid and test are never cut.
+"""
+
+import torch
+from recbole.data import data_preparation as recbole_data_preparation
+
+from recbole_llm.config import config_get
+
+
+def check_train_data_ratio(ratio):
+    """``ratio`` as a float in (0, 1], or None for all the data; anything else is a ValueError."""
+    if ratio is None:
+        return None
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise ValueError(f"train_data_ratio must be a number in (0, 1] (the fraction of training instances kept) "
+                         f"or ~ for all of them, got {ratio!r}.")
+    return float(ratio)
+
+
+def subset_indices(n, ratio, seed):
+    """Sorted indices of the ``round(ratio * n)`` instances kept (at least one), the same for the same seed."""
+    keep = max(1, round(ratio * n))
+    generator = torch.Generator().manual_seed(int(seed))
+    return torch.randperm(n, generator=generator)[:keep].sort().values
+
+
+def limit_training_data(config, train_data):
+    """``train_data`` itself when ``train_data_ratio`` keeps everything, else a loader of the same kind over the
+    kept instances (same sampler and shuffling)."""
+    ratio = check_train_data_ratio(config_get(config, "train_data_ratio"))
+    dataset = train_data._dataset
+    if ratio is None or ratio == 1.0:
+        return train_data
+    kept = subset_indices(len(dataset), ratio, config["seed"])
+    subset = dataset.copy(dataset.inter_feat[kept])
+    return type(train_data)(config, subset, train_data._sampler, shuffle=train_data.shuffle)
+
+
+def data_preparation(config, dataset):
+    """RecBole's split into train/valid/test loaders, the training loader cut to ``train_data_ratio``."""
+    train_data, valid_data, test_data = recbole_data_preparation(config, dataset)
+    return limit_training_data(config, train_data), valid_data, test_data
