@@ -191,7 +191,7 @@ class Laser(SequentialRecommender):
         are this run's, and the item matrix is computed for this dataset's items."""
         if not os.path.isfile(path):
             raise DataNotFoundError(f"init_checkpoint '{path}' does not exist; expected a Laser checkpoint such as "
-                                    "saved/Laser-<dataset>-<time>.pth.")
+                                    "saved/Laser-<time>.pth.")
         checkpoint = load_checkpoint(path, map_location="cpu", trust_pickled_code=trust)
         state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
         if not isinstance(state, dict):
