@@ -86,6 +86,9 @@ class Laser(SequentialRecommender):
         self.iic_positive_grad = config["iic_positive_grad"]
         self.encode_batch_size = config["encode_batch_size"]
         check_choices(config, ("pooling", "template", "suffix_init", "no_mformer_prefix"))
+        if config["init_checkpoint"] and not os.path.isfile(config["init_checkpoint"]):  # before any slow set-up
+            raise DataNotFoundError(f"init_checkpoint '{config['init_checkpoint']}' does not exist; expected a Laser "
+                                    "checkpoint such as saved/Laser-<time>.pth.")
 
         # frozen parts
         self.llm, self.tokenizer = load_causal_lm(config["llm_path"], device=self.device, dtype=config["llm_dtype"],
@@ -189,9 +192,6 @@ class Laser(SequentialRecommender):
         """Start from the prefix/suffix/M-Former weights of another Laser run (paper 4.3: Laser trained on one domain,
         then evaluated or fine-tuned on another). Nothing tied to that run's dataset is read: the frozen LLM and SR
         are this run's, and the item matrix is computed for this dataset's items."""
-        if not os.path.isfile(path):
-            raise DataNotFoundError(f"init_checkpoint '{path}' does not exist; expected a Laser checkpoint such as "
-                                    "saved/Laser-<time>.pth.")
         checkpoint = load_checkpoint(path, map_location="cpu", trust_pickled_code=trust)
         state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
         if not isinstance(state, dict):
