@@ -188,6 +188,33 @@ def test_train_text_encoder_updates_encoder_and_refreshes_vectors(tmp_path):
     assert torch.all(model.knowledge_vectors[0] == 0)
 
 
+def test_text_encoder_checkpointing_gives_the_same_loss_and_gradients(tmp_path):
+    config, dataset, train, _, _ = build("SASRecSeRALM", tmp_path, train_text_encoder=True, hidden_dropout_prob=0.0,
+                                         attn_dropout_prob=0.0)
+    prefill_knowledge(config, dataset)
+    batch = first_batch(train)
+    results = []
+    for checkpointing in (False, True):
+        config["text_encoder_checkpointing"] = checkpointing
+        torch.manual_seed(0)
+        model = get_model("SASRecSeRALM")(config, train.dataset)
+        model.text_encoder.config.hidden_dropout_prob = 0.0
+        for module in model.text_encoder.modules():  # dropout off: the recomputed forward must be the same
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        model.train()
+        encoder = model.text_encoder
+        active = getattr(encoder, "is_activation_checkpointing", None)  # transformers 5.x; older: the other name
+        assert (encoder.is_gradient_checkpointing if active is None else active) == checkpointing
+        loss = model.calculate_loss(batch)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.text_encoder.named_parameters()
+                                        if p.grad is not None}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.allclose(loss_a, loss_b, atol=1e-6) and grads_a.keys() == grads_b.keys() and grads_a
+    assert all(torch.allclose(grads_a[n], grads_b[n], atol=1e-6) for n in grads_a)
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_widen_keeps_the_base_id_width_and_appends_the_knowledge(name, tmp_path):
     config, dataset, train, _, _ = build(name, tmp_path, knowledge_concat="widen")

@@ -255,6 +255,8 @@ class SeRALMMixin:
         encoder, tokenizer = load_text_encoder(cfg(config, "encoder_path"), device="cpu", dtype="float32")
         for param in encoder.parameters():
             param.requires_grad_(True)
+        if config_get(config, "text_encoder_checkpointing", False):
+            _enable_activation_checkpointing(encoder)
         self.text_encoder = encoder
         self.text_tokenizer = tokenizer
         self.encoder_max_length = int(cfg(config, "knowledge_encoder_max_length"))
@@ -326,6 +328,20 @@ class SeRALMMixin:
         if not mode and getattr(self, "train_text_encoder", False) and getattr(self, "_encoder_stale", False):
             self.refresh_knowledge_vectors()  # after switching: the encoder's dropout is off
         return result
+
+
+def _enable_activation_checkpointing(encoder):
+    """Keep only each layer's input for the backward pass and recompute the rest: the encoder's activations for every
+    batch item's text are the memory peak of ``train_text_encoder``. Non-reentrant, so the frozen-input case still
+    gives the weights their gradients."""
+    if not getattr(encoder, "supports_gradient_checkpointing", False):
+        raise ValueError(f"text_encoder_checkpointing: True, but the text encoder ({type(encoder).__name__}) does not "
+                         "support activation checkpointing.")
+    kwargs = {"use_reentrant": False}
+    if hasattr(encoder, "activation_checkpointing_enable"):  # the name from transformers 5.x on
+        encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 class CaserSeRALM(SeRALMMixin, Caser):
