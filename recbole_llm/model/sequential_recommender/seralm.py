@@ -110,8 +110,8 @@ class KnowledgeTexts(nn.Module):
 class SeRALMMixin:
     """Adds LLM knowledge to a RecBole sequential model's item vectors; put it first in the bases.
 
-    Config keys (see the model YAMLs): knowledge_proj_size, knowledge_dropout, train_text_encoder,
-    knowledge_source, knowledge_* generation/encoding settings, llm_path, encoder_path.
+    Config keys (see the model YAMLs): knowledge_proj_size, knowledge_concat, knowledge_dropout, train_text_encoder,
+    text_encoder_checkpointing, knowledge_source, knowledge_* generation/encoding settings, llm_path, encoder_path.
     """
 
     # Always CE (a softmax over all items). Declared so that RecBole's own Config, which does not read the
