@@ -330,6 +330,20 @@ def vectors_path(texts, config):
     return os.path.join(knowledge_cache_dir(config), f"vectors-{key}.safetensors")
 
 
+def encode_texts(model, tokenizer, texts, max_length, progress=False):
+    """Sentence vectors [len(texts), d_text] (float32, CPU) of knowledge texts as the models read them: mean
+    pooling, L2-normalised, cut to ``max_length`` tokens; an empty text is a zero vector ("no knowledge")."""
+    from recbole_llm.llm.encode import mean_pool_encode
+
+    texts = list(texts)
+    vectors = torch.zeros(len(texts), model.config.hidden_size)
+    rows = [i for i, text in enumerate(texts) if text.strip()]
+    if rows:
+        vectors[rows] = mean_pool_encode(model, tokenizer, [texts[i] for i in rows], normalize=True, progress=progress,
+                                         max_length=max_length).float().cpu()
+    return vectors
+
+
 def encode_knowledge(texts, config, encoder=None, progress=True):
     """Sentence vectors [len(texts), d_text] (float32) for knowledge texts by item id; row 0 (padding) and
     empty texts are 0.
@@ -355,16 +369,10 @@ def encode_knowledge(texts, config, encoder=None, progress=True):
 
         device = config["device"] if "device" in config else None
         encoder = load_text_encoder(cfg(config, "encoder_path"), device=device)
-    from recbole_llm.llm.encode import mean_pool_encode
-
     model, tokenizer = encoder
-    # The padding item and items whose knowledge came out empty get a zero vector ("no knowledge").
-    rows = [i for i in range(1, len(texts)) if texts[i].strip()]
-    vectors = torch.zeros(len(texts), model.config.hidden_size)
-    if rows:
-        vectors[rows] = mean_pool_encode(model, tokenizer, [texts[i] for i in rows], normalize=True, progress=progress,
-                                         max_length=int(cfg(config, "knowledge_encoder_max_length"))).float().cpu()
-    vectors = vectors.contiguous()
+    # The padding item (row 0) and items whose knowledge came out empty get a zero vector.
+    vectors = encode_texts(model, tokenizer, [""] + texts[1:], int(cfg(config, "knowledge_encoder_max_length")),
+                           progress=progress).contiguous()
     _atomic_write(path, lambda tmp: save_file({"vectors": vectors}, tmp))
     return vectors
 

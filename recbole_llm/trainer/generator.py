@@ -193,8 +193,9 @@ def per_instance_log_prob(recommender, interaction, instance_items, vectors_by_i
 
 class KnowledgeEncoder:
     """texts -> sentence vectors [n, d_text] with the config's text encoder, exactly as the knowledge
-    matrix is encoded (mean pooling, L2-normalised, ``knowledge_encoder_max_length``, 0 for an empty text),
-    without the disk cache or the padding row of ``encode_knowledge``. Loads the encoder on first use (picklable before)."""
+    matrix is encoded (``encode_texts``: mean pooling, L2-normalised, ``knowledge_encoder_max_length``, 0 for an
+    empty text), without the disk cache or the padding row of ``encode_knowledge``. Loads the encoder on first use
+    (picklable before)."""
 
     def __init__(self, config, device=None):
         from recbole_llm.data.knowledge import cfg
@@ -210,20 +211,13 @@ class KnowledgeEncoder:
         return state
 
     def __call__(self, texts):
-        from recbole_llm.llm.encode import mean_pool_encode
+        from recbole_llm.data.knowledge import encode_texts
         from recbole_llm.llm.loader import load_text_encoder
 
         if self.encoder is None:
             self.encoder = load_text_encoder(self.path, device=self.device)
         model, tokenizer = self.encoder
-        texts = list(texts)
-        # An empty sample means "no knowledge", a zero vector, as encode_knowledge writes for an empty text.
-        vectors = torch.zeros(len(texts), model.config.hidden_size)
-        rows = [i for i, text in enumerate(texts) if text.strip()]
-        if rows:
-            vectors[rows] = mean_pool_encode(model, tokenizer, [texts[i] for i in rows], max_length=self.max_length,
-                                             normalize=True, progress=False).float().cpu()
-        return vectors
+        return encode_texts(model, tokenizer, texts, self.max_length)
 
 
 def item_prompts(dataset, config, tokenizer):
