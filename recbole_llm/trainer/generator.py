@@ -154,8 +154,12 @@ def select_history_items(item_seq, item_seq_len, count):
     return out
 
 
-def cpu_state(state):
-    """CPU copies of a state dict's tensors; other entries (a module's extra state, e.g. knowledge texts) as is."""
+def cpu_state(state, copy_values=True):
+    """A state dict with its tensors on the CPU; other entries (a module's extra state, e.g. knowledge texts) kept.
+    ``copy_values``: copies that later changes of the live model cannot reach; False only moves what is elsewhere
+    (for a state that is already such a copy)."""
+    if not copy_values:
+        return {k: v.detach().to("cpu") if torch.is_tensor(v) else v for k, v in state.items()}
     return {k: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else copy.deepcopy(v) for k, v in state.items()}
 
 
@@ -453,7 +457,7 @@ class RayGenerator(GeneratorJob):
         self.futures = deque()
 
     def refresh(self, lora, rec_state, step):
-        rec_state = cpu_state(rec_state)
+        rec_state = cpu_state(rec_state, copy_values=False)  # the trainer's snapshot is already a CPU copy
         # Not awaited: the actor runs calls in order, so batches submitted after this use the new snapshot.
         self._last_refresh = self.actor.refresh.remote(lora, rec_state, step)
 
