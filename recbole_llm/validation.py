@@ -183,7 +183,12 @@ def validate_config(config):
                 f"custom keys.")
     if config["model"] in PLUGIN_MODELS:
         check_choices(config)
-    for key, (predicate, expected) in RANGES.items():
-        value = final.get(key)
-        if value is not None and not predicate(value):
-            raise ConfigError(f"Config key '{key}' = {value!r} is out of range: expected {expected}.")
+    for key in RANGES:
+        check_range(key, final.get(key))
+
+
+def check_range(key, value):
+    """ConfigError for a value of ``key`` outside its RANGES entry; None passes (~ where the YAML documents it)."""
+    predicate, expected = RANGES[key]
+    if value is not None and not predicate(value):
+        raise ConfigError(f"Config key '{key}' = {value!r} is out of range: expected {expected}.")

@@ -13,16 +13,7 @@ import torch
 from recbole.data import data_preparation as recbole_data_preparation
 
 from recbole_llm.config import config_get
-
-
-def check_train_data_ratio(ratio):
-    """``ratio`` as a float in (0, 1], or None for all the data; anything else is a ValueError."""
-    if ratio is None:
-        return None
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
-        raise ValueError(f"train_data_ratio must be a number in (0, 1] (the fraction of training instances kept) "
-                         f"or ~ for all of them, got {ratio!r}.")
-    return float(ratio)
+from recbole_llm.validation import check_range
 
 
 def subset_indices(n, ratio, seed):
@@ -35,11 +26,12 @@ def subset_indices(n, ratio, seed):
 def limit_training_data(config, train_data):
     """``train_data`` itself when ``train_data_ratio`` keeps everything, else a loader of the same kind over the
     kept instances (same sampler and shuffling)."""
-    ratio = check_train_data_ratio(config_get(config, "train_data_ratio"))
-    dataset = train_data._dataset
-    if ratio is None or ratio == 1.0:
+    ratio = config_get(config, "train_data_ratio")
+    check_range("train_data_ratio", ratio)  # again here: a config built without the plugin's Config
+    if ratio is None or ratio == 1:
         return train_data
-    kept = subset_indices(len(dataset), ratio, config["seed"])
+    dataset = train_data._dataset
+    kept = subset_indices(len(dataset), float(ratio), config["seed"])
     subset = dataset.copy(dataset.inter_feat[kept])
     return type(train_data)(config, subset, train_data._sampler, shuffle=train_data.shuffle)
 
