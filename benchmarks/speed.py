@@ -75,10 +75,9 @@ def model_overrides(model, mode):
 def _build(model, dataset, config_dict, profile):
     """Config, dataset, splits, model and trainer, as run_recbole_llm builds them."""
     from recbole.data import create_dataset
-
-    from recbole_llm.data.preparation import data_preparation
     from recbole.utils import init_logger, init_seed
 
+    from recbole_llm.data.preparation import data_preparation
     from recbole_llm.quick_start import build_config
     from recbole_llm.utils import get_model, get_trainer
 

@@ -135,7 +135,8 @@ class LaserTrainer(SafeCheckpointMixin, Trainer):
         if valid_data:
             self.best_valid_score, self.best_valid_result = self._valid_epoch(valid_data, show_progress=show_progress)
             if verbose:
-                self.logger.info(set_color("zero-shot valid result", "blue") + ": \n" + dict2str(self.best_valid_result))
+                self.logger.info(set_color("zero-shot valid result", "blue") + ": \n"
+                                 + dict2str(self.best_valid_result))
         if saved:
             self._save_checkpoint(-1, verbose=verbose)
         return self.best_valid_score, self.best_valid_result

@@ -30,9 +30,10 @@ Choices where the paper/code is silent, or where we differ from the reference co
   attends over the whole history. In RecBole's prefix instances the target is never in the history, so that
   leaks nothing; we make every position causal, as SASRec is, which changes the model in layers >= 2 (a
   history position no longer sees later history items). The query at position t attends to segments 0..s(t),
-  s(t) = t // (k1 * k2), of DownConv applied to the prefix x[0..t] with everything after t zeroed. Segments before s(t) only contain positions
-  < t and equal the pooled full sequence; the current segment s(t) is computed per position in closed form
-  (the first conv is linear, so a partial block is a running sum inside its block), see ``CausalDownConv``.
+  s(t) = t // (k1 * k2), of DownConv applied to the prefix x[0..t] with everything after t zeroed. Segments
+  before s(t) only contain positions < t and equal the pooled full sequence; the current segment s(t) is
+  computed per position in closed form (the first conv is linear, so a partial block is a running sum inside its
+  block), see ``CausalDownConv``.
   Later segments are masked. The positional branch uses a causal mask over positions.
 * Padding (RecBole pads at the end, id 0): key/value projections at padded positions are zeroed before
   pooling and padded positions are masked out of the positional attention, so they never reach a real

@@ -102,8 +102,8 @@ class KnowledgeTexts(nn.Module):
         texts = state.get("texts") if isinstance(state, dict) else None
         if not isinstance(texts, list) or len(texts) != len(self.texts):
             size = f" of {len(texts)}" if isinstance(texts, list) else ""
-            raise ValueError(f"the saved knowledge texts must be a list of {len(self.texts)} strings (one per item id), "
-                             f"got {type(texts).__name__}{size}.")
+            raise ValueError(f"the saved knowledge texts must be a list of {len(self.texts)} strings (one per item "
+                             f"id), got {type(texts).__name__}{size}.")
         self.texts = [str(t) for t in texts]
 
 
