@@ -20,7 +20,8 @@ Sections (each in its own child process, whose peak RSS is reported; on CUDA als
   warm-up step; Laser's item matrix is computed before the clock starts); also with the data loader's batch
   assembly and the copy to the device counted, as the trainer sees it.
 - eval: full-ranking test evaluation time (RecBole's evaluator, all users x all items) of each SeRALM variant
-  against its base model; ratio = SeRALM / base (paper: about 1.2x).
+  against its base model; ratio = SeRALM / base (paper: about 1.2x). Each model's own memory is given too: its
+  weights and buffers, and on CUDA the peak one evaluation of it allocates on top.
 
 Timings: ``time.perf_counter`` around the step (CUDA synchronised), warm-up excluded, ``--repeats`` repeats, min
 and median quoted. A step and its ceiling alternate (A B, B A, ...) so that a change in machine load hits both
@@ -338,10 +339,32 @@ def section_eval(spec):
             trainer.evaluate(test_data, load_best_model=False, show_progress=False)
             _sync(device)
             times[name].append(time.perf_counter() - start)
+    cuda_peak = _cuda_peak()  # both models' evaluations, before the per-model passes below reset it
+    memory = {name: _eval_memory(trainer, test_data, device) for name, (trainer, test_data, device) in runs.items()}
     model, base = _summary(times[spec["model"]]), _summary(times[spec["base"]])
     test_users = len(runs[spec["base"]][1].dataset) if hasattr(runs[spec["base"]][1], "dataset") else None
     return {"model": spec["model"], "base": spec["base"], "seralm": model, "base_time": base,
-            "ratio": model["median_s"] / base["median_s"], "test_rows": test_users, "cuda_peak_mib": _cuda_peak()}
+            "ratio": model["median_s"] / base["median_s"], "test_rows": test_users, "cuda_peak_mib": cuda_peak,
+            "seralm_memory": memory[spec["model"]], "base_memory": memory[spec["base"]]}
+
+
+def _eval_memory(trainer, test_data, device):
+    """One model's own memory: its weights and buffers (SeRALM's knowledge vectors are buffers) and, on CUDA, the
+    peak one evaluation allocates over what was allocated before it. The child holds both models, so its peak RSS
+    cannot tell them apart. On the CPU the evaluation's part is not given: RSS moves with what the allocator keeps
+    from earlier evaluations (tried: 0 to 107 MiB for the same evaluation), not with what this one needs."""
+    import torch
+
+    tensors = list(trainer.model.parameters()) + list(trainer.model.buffers())
+    weights = sum(t.numel() * t.element_size() for t in tensors) / 2 ** 20
+    if not str(device).startswith("cuda"):
+        return {"weights_mib": weights, "eval_added_cuda_mib": None}
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated() / 2 ** 20
+    torch.cuda.reset_peak_memory_stats()
+    trainer.evaluate(test_data, load_best_model=False, show_progress=False)
+    torch.cuda.synchronize()
+    return {"weights_mib": weights, "eval_added_cuda_mib": torch.cuda.max_memory_allocated() / 2 ** 20 - before}
 
 
 CHILD_SECTIONS = {"refresh": section_refresh, "generation": section_generation, "train": section_train,
@@ -436,6 +459,14 @@ def _mem(r):
     return f"{r['peak_rss_mib']:.0f}" + (f" / {cuda:.0f}" if cuda is not None else "")
 
 
+def _own_mem(memory):
+    """weights (+ the evaluation's CUDA peak over them, where measured), MiB."""
+    if not memory:
+        return "-"  # a result from before the per-model measurement
+    cuda = memory.get("eval_added_cuda_mib")
+    return f"{memory['weights_mib']:.1f}" + (f" + {cuda:.0f}" if cuda is not None else "")
+
+
 def render(results, mode, env, command, started, finished, loads, dataset, standins=""):
     mem_header = "peak RSS (MiB)" + (" / CUDA peak" if env["gpu"] != "none" else "")
     out = [f"# Speed benchmark ({mode}, {dataset})", "",
@@ -482,10 +513,16 @@ def render(results, mode, env, command, started, finished, loads, dataset, stand
     if evals:
         out += ["## Full-ranking evaluation time: SeRALM variant vs its base (paper: about 1.2x)", "",
                 common.markdown_table(
-                    ["model", "base", "model (s)", "base (s)", "ratio", mem_header, "load avg"],
+                    ["model", "base", "model (s)", "base (s)", "ratio", "model memory (MiB)", "base memory (MiB)",
+                     mem_header + ", both", "load avg"],
                     [[r["model"], r["base"], f"{r['seralm']['median_s']:.2f} ({r['seralm']['min_s']:.2f})",
                       f"{r['base_time']['median_s']:.2f} ({r['base_time']['min_s']:.2f})", f"{r['ratio']:.2f}x",
-                      _mem(r), r["loadavg_end"][0] if r["loadavg_end"] else "-"] for r in evals]), ""]
+                      _own_mem(r.get("seralm_memory")), _own_mem(r.get("base_memory")),
+                      _mem(r), r["loadavg_end"][0] if r["loadavg_end"] else "-"] for r in evals]), "",
+                "Model and base memory: each one's weights and buffers (SeRALM's knowledge vectors included); on "
+                "CUDA + the peak one evaluation of that model alone allocates over them. The last memory column is "
+                "the child's, which held both models; on the CPU the evaluations' own share of it is not "
+                "separable (RSS follows what the allocator keeps, not what one evaluation needs).", ""]
     failed = {k: v for k, v in results.items() if v.get("status") != "ok"}
     if failed:
         out += ["## Failed", ""]

@@ -183,7 +183,7 @@ def test_speed_render_and_jobs(tmp_path):
     assert "| 100 | 2 x 64 | 50 / 60 | 2 | 50.0 (100.0) | 100.0 (200.0) | 0.50 | 500 | 1.5 |" in text
     assert "| 8 | 1 x 8 | 40 | 16 / 100 | 30 | 4.00 (8.00) | 4.00 (8.00) | 1.00 | 500 | 1.5 |" in text
     assert "| SASRec | 1024 | 3 | 900.0 | 850.0 | 1.100 | 1,234 | 500 | 1.5 |" in text
-    assert "| SASRecSeRALM | SASRec | 2.00 (1.00) | 1.60 (1.00) | 1.25x | 500 | 1.5 |" in text
+    assert "| SASRecSeRALM | SASRec | 2.00 (1.00) | 1.60 (1.00) | 1.25x | - | - | 500 | 1.5 |" in text  # older record
     assert "eval:PAUPSeRALM: exit 1: `RuntimeError: x`" in text
     args, mode = speed.parse_args(["--quick", "--work-dir", str(tmp_path)])
     names = [name for name, _ in speed.jobs(args, mode)]
@@ -237,3 +237,26 @@ def test_speed_sections_measure_tiny_models(tmp_path):
     train = speed.section_train({"model": "Laser", "dataset": "tiny-laser", "config_dict": config_dict,
                                  "profile": "none", "train_batches": 2})
     assert train["steps"] == 2 and 0 < train["samples_per_s_with_loading"] <= train["samples_per_s"]
+
+
+def test_speed_eval_times_and_measures_each_model_on_its_own(tmp_path):
+    """SeRALM vs its base on the tiny data: both timed, and each one's memory is its own, not the child's peak."""
+    from tests.helpers_seralm import DATASET, tiny_config_dict
+
+    config_dict = dict(tiny_config_dict(tmp_path), knowledge_source="item_text")
+    result = speed.section_eval({"model": "SASRecSeRALM", "base": "SASRec", "dataset": DATASET, "profile": "none",
+                                 "repeats": 2, "configs": {"SASRecSeRALM": config_dict, "SASRec": config_dict}})
+    assert result["seralm"]["runs"] == result["base_time"]["runs"] == 2 and result["ratio"] > 0
+    seralm, base = result["seralm_memory"], result["base_memory"]
+    # SeRALM's weights hold the knowledge vectors (a buffer) and their projection beside what SASRec has
+    assert seralm["weights_mib"] > base["weights_mib"] > 0
+    assert seralm["eval_added_cuda_mib"] is None  # a CPU run
+    env = dict.fromkeys(("cpu", "cores", "usable_cores", "memory_gib", "os", "python", "torch", "recbole",
+                         "transformers", "peft", "recbole_llm", "git_commit"), "x") | {"gpu": "none"}
+    text = speed.render({"eval:SASRecSeRALM": dict(result, status="ok", peak_rss_mib=700.0, loadavg_end=None)},
+                        "cpu", env, "cmd", "t0", "t1", [None, None], DATASET)
+    assert f"| {seralm['weights_mib']:.1f} | {base['weights_mib']:.1f} | 700 |" in text
+    cuda = dict(result, seralm_memory=dict(seralm, eval_added_cuda_mib=120.4))
+    text = speed.render({"eval:SASRecSeRALM": dict(cuda, status="ok", peak_rss_mib=700.0, loadavg_end=None)},
+                        "gpu", env, "cmd", "t0", "t1", [None, None], DATASET)
+    assert f"| {seralm['weights_mib']:.1f} + 120 |" in text
