@@ -81,6 +81,17 @@ def test_router_gradient_modes():
         _mformer(router_gradient="soft")
 
 
+def test_router_is_eq5_without_bias_unless_asked():
+    """Eq. 5: m(u) = C_u W_r^T, so the router scores of a zero state are all 0 and every expert gets 1/K."""
+    collab, mask = torch.zeros(2, 4, 8), torch.ones(2, 4, dtype=torch.bool)
+    plain = _mformer()
+    assert plain.router.bias is None
+    _, scores = masked_router_probs(plain.router(collab), mask)
+    assert torch.allclose(scores, torch.full_like(scores, 1 / 3))
+    biased = _mformer(router_bias=True)
+    assert biased.router.bias is not None and "router.bias" in biased.state_dict()
+
+
 # --------------------------------------------------------------------------------------- model parts
 def test_frozen_sr_states_cache_and_state_dict(built, root, monkeypatch):
     config, model, train_data, _, _ = built

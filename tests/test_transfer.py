@@ -99,6 +99,8 @@ def test_init_checkpoint_moves_laser_to_another_dataset_zero_shot_and_low_resour
         H.build(root, "tiny-target", init_checkpoint=str(root / "missing.pth"))
     with pytest.raises(ConfigError, match="does not fit this Laser"):
         H.build(root, "tiny-target", init_checkpoint=saved, n_query_tokens=3)
+    with pytest.raises(ConfigError, match="router_bias: False"):  # a checkpoint of the paper's bias-free router
+        H.build(root, "tiny-target", init_checkpoint=saved, router_bias=True)
     config, fresh, *_ = H.build(root, "tiny-target", stage1_epochs=0, stage2_epochs=0)
     with pytest.raises(ValueError, match="zero-shot"):
         LaserTrainer(config, fresh)

@@ -138,7 +138,7 @@ class Laser(SequentialRecommender):
             n_query_tokens=config["n_query_tokens"], hidden_size=config["mformer_hidden_size"],
             n_layers=config["mformer_n_layers"], n_heads=config["mformer_n_heads"],
             inner_size=config["mformer_inner_size"], dropout=config["mformer_dropout"],
-            router_gradient=config["router_gradient"],
+            router_gradient=config["router_gradient"], router_bias=bool(config["router_bias"]),
         )
 
     def _ids(self, text):
@@ -197,13 +197,19 @@ class Laser(SequentialRecommender):
         if not isinstance(state, dict):
             raise ConfigError(f"init_checkpoint '{path}' holds no 'state_dict'; expected a checkpoint saved by a "
                               "RecBole trainer.")
+        bias_saved = any(k.endswith("router.bias") for k in state)
+        bias_here = any(k.endswith("router.bias") for k in self.state_dict())
+        if bias_saved != bias_here:
+            raise ConfigError(f"init_checkpoint '{path}' has {'a' if bias_saved else 'no'} router bias and this Laser "
+                              f"has {'one' if bias_here else 'none'}: set router_bias: {bias_saved} to load it (Laser "
+                              "runs before 2026-11-30 had the bias; Eq. 5 has none).")
         try:
             self.load_state_dict(state)
         except RuntimeError as err:
             raise ConfigError(
                 f"init_checkpoint '{path}' does not fit this Laser ({str(err).splitlines()[0]}); it must come from a "
                 "Laser with the same LLM, frozen SR width and prefix settings (use_prefix, use_mformer, n_experts, "
-                "n_query_tokens, M-Former sizes, pooling).") from None
+                "n_query_tokens, M-Former sizes, router_bias, pooling).") from None
         logger.info(f"Laser: trainable weights loaded from init_checkpoint {path}")
 
     def mark_parameters_updated(self):

@@ -12,8 +12,8 @@ Choices where the paper is silent (documented here and in Laser.yaml):
   by r_j / stopgrad(r_j): the value is exactly 1 (forward unchanged) while d/dr_j = 1 / r_j gives the router
   a Switch-Transformer-style gradient from the recommendation loss. ``lb_only``: the router learns from L_LB only.
 - L_LB (Eq. 9-11) is computed per user over that user's N real items and averaged over the batch.
-- The router is ``Linear(d_i, K)`` with a bias; Eq. 5 (m(u) = C_u W_r^T) has none. Kept: a per-expert offset the
-  softmax could learn anyway, and dropping it would change every trained checkpoint's keys.
+- The router is ``Linear(d_i, K)`` without a bias, as Eq. 5 (m(u) = C_u W_r^T). ``router_bias: True`` adds a
+  per-expert bias: what every run before 2026-11-30 had, so their checkpoints load with it.
 - Size: at the paper's settings (K=8, L=32, d_m=768, 12 blocks, FFN 3072, d_llm=4096) this M-Former has 96.1M
   parameters; the paper reports 183.3M trainable in all. The gap is about the size of a BLIP-2 Q-Former's extra
   parts (separate query FFNs, BERT-base embeddings), which the paper may have started from; it does not say.
@@ -83,7 +83,7 @@ class MFormer(nn.Module):
     """MoE querying transformer: C_u [B, N, d_i] + mask [B, N] -> prefix [B, L, d_llm] and L_LB."""
 
     def __init__(self, collab_size, llm_size, n_experts=8, n_query_tokens=32, hidden_size=768, n_layers=12,
-                 n_heads=12, inner_size=3072, dropout=0.1, router_gradient="gate"):
+                 n_heads=12, inner_size=3072, dropout=0.1, router_gradient="gate", router_bias=False):
         super().__init__()
         if router_gradient not in ROUTER_GRADIENTS:
             raise ValueError(f"router_gradient must be one of {ROUTER_GRADIENTS}, got {router_gradient!r}")
@@ -92,7 +92,7 @@ class MFormer(nn.Module):
         self.n_experts = n_experts
         self.router_gradient = router_gradient
         self.experts = nn.Parameter(torch.randn(n_experts, n_query_tokens, hidden_size) * 0.02)
-        self.router = nn.Linear(collab_size, n_experts)
+        self.router = nn.Linear(collab_size, n_experts, bias=router_bias)
         self.blocks = nn.ModuleList(
             MFormerBlock(hidden_size, n_heads, inner_size, collab_size, dropout, cross_attention=(z % 2 == 0))
             for z in range(n_layers)
