@@ -148,6 +148,47 @@ def test_text_template_pieces(built):
     assert item_text.startswith("You are an intelligent") and "\n>> 1." in item_text
 
 
+def _with_post_processor(template):
+    """The tiny tokenizer, made to add special tokens around a text as real LLM tokenizers do."""
+    from tokenizers.processors import TemplateProcessing
+
+    from recbole_llm.llm.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    specials = [(t, tokenizer.convert_tokens_to_ids(t)) for t in ("<s>", "</s>")]
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single=template, special_tokens=specials)
+    return tokenizer
+
+
+def test_leading_special_tokens_are_the_ones_a_tokenizer_puts_before_a_text():
+    from recbole_llm.llm.tiny import build_tiny_tokenizer
+    from recbole_llm.model.sequential_recommender.laser import leading_special_ids
+
+    assert leading_special_ids(build_tiny_tokenizer()) == []  # adds nothing, like SmolLM2
+    llama_like = _with_post_processor("<s> $A")
+    assert leading_special_ids(llama_like) == [llama_like.bos_token_id]
+    glm_like = _with_post_processor("<s> </s> $A")  # two, as ChatGLM2's [gMASK] sop
+    assert leading_special_ids(glm_like) == [glm_like.bos_token_id, glm_like.eos_token_id]
+    bert_like = _with_post_processor("<s> $A </s>")  # the trailing one is not Laser's: s ends the input
+    assert leading_special_ids(bert_like) == [bert_like.bos_token_id]
+
+
+@pytest.mark.parametrize("add_special_tokens", [True, False])
+def test_texts_start_with_the_llm_tokenizers_own_special_tokens(root, monkeypatch, add_special_tokens):
+    from recbole_llm.model.sequential_recommender import laser as laser_module
+
+    monkeypatch.setattr(laser_module, "leading_special_ids", lambda tokenizer: [tokenizer.bos_token_id])
+    _, model, train_data, _, _ = H.build(root, add_special_tokens=add_special_tokens)
+    bos = model.tokenizer.bos_token_id
+    seq, length = torch.tensor([[3, 5, 0, 0, 0]]), torch.tensor([2])
+    user, item = model.user_token_ids(seq, length)[0], model.item_token_ids(torch.tensor([3]))[0]
+    if add_special_tokens:
+        assert user[0] == item[0] == bos and bos not in user[1:] + item[1:]
+    else:
+        assert bos not in user + item
+    model.calculate_loss(H.first_batch(train_data))  # a full forward with it
+
+
 def test_only_prefix_suffix_mformer_get_gradients(built):
     _, model, train_data, _, _ = built
     model.train()

@@ -8,6 +8,8 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 import helpers_laser as H  # noqa: E402
 
+from recbole_llm.model.sequential_recommender.laser import leading_special_ids  # noqa: E402
+
 torch.set_num_threads(1)
 
 
@@ -16,7 +18,9 @@ def test_laser_forward_and_loss_step_on_bundled_smollm2(tmp_path):
                                               item_text_max_tokens=8)
     assert model.llm_size == 576 and len(model.llm.model.layers) == 2
     text = model.tokenizer.decode(model.item_token_ids(torch.tensor([1]))[0])
+    # add_special_tokens is on (the default), and SmolLM2's tokenizer puts nothing before a text: no BOS here
     assert text.startswith("You are an intelligent recommendation assistant.") and "\n>> 1." in text
+    assert config["add_special_tokens"] and leading_special_ids(model.tokenizer) == []
     model.refresh_item_matrix(show_progress=False)
     assert model.item_matrix.shape == (model.n_items, 576)
     assert torch.allclose(model.item_matrix[1:].norm(dim=-1), torch.ones(model.n_items - 1), atol=1e-4)

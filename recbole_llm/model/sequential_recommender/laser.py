@@ -67,6 +67,17 @@ FROZEN_PREFIXES = ("llm.", "frozen_sr.")
 logger = logging.getLogger(__name__)
 
 
+def leading_special_ids(tokenizer):
+    """The ids a tokenizer puts before any text by itself, found by tokenising with and without special tokens.
+    Trailing ones (BERT's [SEP]) are left out: the suffix s ends Laser's input."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return list(full[:start])
+    return []
+
+
 class Laser(SequentialRecommender):
     input_type = InputType.POINTWISE
 
@@ -147,8 +158,11 @@ class Laser(SequentialRecommender):
     def _tokenise_pieces(self, config, dataset):
         """Token ids of every template piece and every item text, once."""
         user_instruction, item_instruction = TEMPLATES[config["template"]]
-        self.user_head_ids = self._ids(user_instruction)
-        self.item_head_ids = self._ids(item_instruction)
+        # T_u tokenised as the LLM normally sees a text: with what its tokenizer puts first (ChatGLM2, the paper's
+        # LLM: [gMASK] sop; Llama-2: <s>; SmolLM2: nothing), after the prefix as in [P; T_u; s].
+        lead = leading_special_ids(self.tokenizer) if config["add_special_tokens"] else []
+        self.user_head_ids = lead + self._ids(user_instruction)
+        self.item_head_ids = lead + self._ids(item_instruction)
         self.marker_ids = [self._ids(f"\n>> {k}.") for k in range(1, self.max_seq_length + 1)]
         texts = item_texts(dataset, config)
         if len(texts) != self.n_items:
