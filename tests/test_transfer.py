@@ -99,8 +99,11 @@ def test_init_checkpoint_moves_laser_to_another_dataset_zero_shot_and_low_resour
         H.build(root, "tiny-target", init_checkpoint=str(root / "missing.pth"))
     with pytest.raises(ConfigError, match="does not fit this Laser"):
         H.build(root, "tiny-target", init_checkpoint=saved, n_query_tokens=3)
-    with pytest.raises(ConfigError, match="router_bias: False"):  # a checkpoint of the paper's bias-free router
+    with pytest.raises(ConfigError, match="no M-Former router bias .* set router_bias: False"):  # the paper's router
         H.build(root, "tiny-target", init_checkpoint=saved, router_bias=True)
+    biased_state = dict(source_state, **{"prefix_module.router.bias": torch.zeros(source.prefix_module.n_experts)})
+    with pytest.raises(RuntimeError, match="has an M-Former router bias .* set router_bias: True"):  # an older run's
+        target.load_state_dict(biased_state)
     config, fresh, *_ = H.build(root, "tiny-target", stage1_epochs=0, stage2_epochs=0)
     with pytest.raises(ValueError, match="zero-shot"):
         LaserTrainer(config, fresh)

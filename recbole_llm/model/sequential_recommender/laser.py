@@ -195,6 +195,11 @@ class Laser(SequentialRecommender):
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
         missing = [k for k in result.missing_keys if not k.startswith(FROZEN_PREFIXES)]
         if strict and (missing or result.unexpected_keys):
+            if {k.split(".")[-2:] == ["router", "bias"] for k in missing + result.unexpected_keys} == {True}:
+                saved = bool(result.unexpected_keys)
+                raise RuntimeError(f"Laser.load_state_dict: the checkpoint has {'an' if saved else 'no'} M-Former "
+                                   f"router bias and this Laser has {'one' if missing else 'none'}: set router_bias: "
+                                   f"{saved} to load it (Laser runs before 2026-11-30 had the bias; Eq. 5 has none)")
             raise RuntimeError(f"Laser.load_state_dict: missing keys {missing}, unexpected keys "
                                f"{result.unexpected_keys} (does the checkpoint match this config?)")
         # New weights: a cached item matrix no longer matches them (load_other_parameter, which follows in a
@@ -211,12 +216,6 @@ class Laser(SequentialRecommender):
         if not isinstance(state, dict):
             raise ConfigError(f"init_checkpoint '{path}' holds no 'state_dict'; expected a checkpoint saved by a "
                               "RecBole trainer.")
-        bias_saved = any(k.endswith("router.bias") for k in state)
-        bias_here = any(k.endswith("router.bias") for k in self.state_dict())
-        if bias_saved != bias_here:
-            raise ConfigError(f"init_checkpoint '{path}' has {'a' if bias_saved else 'no'} router bias and this Laser "
-                              f"has {'one' if bias_here else 'none'}: set router_bias: {bias_saved} to load it (Laser "
-                              "runs before 2026-11-30 had the bias; Eq. 5 has none).")
         try:
             self.load_state_dict(state)
         except RuntimeError as err:
