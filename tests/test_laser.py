@@ -167,7 +167,7 @@ def test_leading_special_tokens_are_the_ones_a_tokenizer_puts_before_a_text():
     assert leading_special_ids(build_tiny_tokenizer()) == []  # adds nothing, like SmolLM2
     llama_like = _with_post_processor("<s> $A")
     assert leading_special_ids(llama_like) == [llama_like.bos_token_id]
-    glm_like = _with_post_processor("<s> </s> $A")  # two, as ChatGLM2's [gMASK] sop
+    glm_like = _with_post_processor("<s> </s> $A")  # two, as ChatGLM2's [gMASK] sop would be
     assert leading_special_ids(glm_like) == [glm_like.bos_token_id, glm_like.eos_token_id]
     bert_like = _with_post_processor("<s> $A </s>")  # the trailing one is not Laser's: s ends the input
     assert leading_special_ids(bert_like) == [bert_like.bos_token_id]

@@ -158,8 +158,8 @@ class Laser(SequentialRecommender):
     def _tokenise_pieces(self, config, dataset):
         """Token ids of every template piece and every item text, once."""
         user_instruction, item_instruction = TEMPLATES[config["template"]]
-        # T_u tokenised as the LLM normally sees a text: with what its tokenizer puts first (ChatGLM2, the paper's
-        # LLM: [gMASK] sop; Llama-2: <s>; SmolLM2: nothing), after the prefix as in [P; T_u; s].
+        # T_u tokenised as the LLM normally sees a text: with what its tokenizer puts first (Llama-2: <s>; the
+        # bundled SmolLM2: nothing), after the prefix as in [P; T_u; s].
         lead = leading_special_ids(self.tokenizer) if config["add_special_tokens"] else []
         self.user_head_ids = lead + self._ids(user_instruction)
         self.item_head_ids = lead + self._ids(item_instruction)
