@@ -1,7 +1,6 @@
 """Registration, config merge, checkpoint safety and the CLI on a tiny SASRec."""
 
 import os
-import pickle
 import subprocess
 import sys
 

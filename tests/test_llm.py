@@ -80,8 +80,6 @@ def test_backpropagated_llm_passes_avoid_cudnn_attention_on_cuda():
 
 def test_sequence_logprobs_uses_the_same_kernels_with_and_without_grad(llm, monkeypatch):
     # the alignment's KL compares a no-grad reference pass with a backpropagated one: same attention kernels
-    from recbole_llm.llm import generate
-
     calls = []
     real = generate.sdpa_for_backward
     monkeypatch.setattr(generate, "sdpa_for_backward", lambda device, **kw: calls.append(kw) or real(device, **kw))
