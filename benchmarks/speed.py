@@ -359,12 +359,12 @@ def _eval_memory(trainer, test_data, device):
     weights = sum(t.numel() * t.element_size() for t in tensors) / 2 ** 20
     if not str(device).startswith("cuda"):
         return {"weights_mib": weights, "eval_added_cuda_mib": None}
-    torch.cuda.synchronize()
+    _sync(device)
     before = torch.cuda.memory_allocated() / 2 ** 20
-    torch.cuda.reset_peak_memory_stats()
+    _reset_cuda_peak()
     trainer.evaluate(test_data, load_best_model=False, show_progress=False)
-    torch.cuda.synchronize()
-    return {"weights_mib": weights, "eval_added_cuda_mib": torch.cuda.max_memory_allocated() / 2 ** 20 - before}
+    _sync(device)
+    return {"weights_mib": weights, "eval_added_cuda_mib": _cuda_peak() - before}
 
 
 CHILD_SECTIONS = {"refresh": section_refresh, "generation": section_generation, "train": section_train,

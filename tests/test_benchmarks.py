@@ -13,6 +13,8 @@ from recbole_llm.faults import ENV as KILL_ENV
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SASREC = ["hidden_size=16", "inner_size=16", "n_layers=1", "n_heads=1", "MAX_ITEM_LIST_LENGTH=10"]
+CPU_ENV = dict.fromkeys(("cpu", "cores", "usable_cores", "memory_gib", "os", "python", "torch", "recbole",
+                         "transformers", "peft", "recbole_llm", "git_commit"), "x") | {"gpu": "none"}
 
 
 def _run_quality(tmp_path, *settings, kill_at=None):
@@ -96,8 +98,7 @@ def test_aggregate_claims_and_render():
     assert "**holds**" in aligned and "0.0505 vs 0.0500" in aligned and "on seed 1 only (both rows have it)" in aligned
     laser = next(line for line in lines if "Laser beats" in line)
     assert "**holds**" in laser and "beats 2/2" in laser
-    env = {k: "x" for k in ("cpu", "cores", "usable_cores", "memory_gib", "gpu", "os", "python", "torch", "recbole",
-                            "transformers", "peft", "recbole_llm", "git_commit")}
+    env = CPU_ENV
     text = quality.render(table, "cpu", env, "python benchmarks/quality.py", "t0", "t1", [[1, 1, 1], [2, 2, 2]], [])
     assert "| SASRec | 0.1020 ± 0.0028 | 0.0510 ± 0.0014 | 0.0255 ± 0.0007 | 2 | 10 | 100 |" in text
     assert "| Laser (suffix from [EOS]) | 0.1200 | 0.0600 | 0.0300 | 1 (1 not run) |" in text
@@ -115,9 +116,7 @@ def test_failed_runs_are_listed_and_plot_is_written(tmp_path):
     runs = _runs("ml-100k", ["SASRec", "PAUP"], [1])
     table = quality.aggregate([_record("ml-100k", "SASRec", 1, 0.05), _record("ml-100k", "PAUP", 1, 0, "failed")],
                               runs)
-    env = dict.fromkeys(("cpu", "cores", "usable_cores", "memory_gib", "gpu", "os", "python", "torch", "recbole",
-                         "transformers", "peft", "recbole_llm", "git_commit"), "x")
-    text = quality.render(table, "quick", env, "cmd", "t0", "t1", [None, None], [])
+    text = quality.render(table, "quick", CPU_ENV, "cmd", "t0", "t1", [None, None], [])
     assert "## Failed runs" in text and "ValueError: boom" in text and "| PAUP | - | - | - | 0 (1 failed) |" in text
     pytest.importorskip("matplotlib")
     path = quality.plot(table, str(tmp_path / "q.png"))
@@ -177,9 +176,7 @@ def test_speed_render_and_jobs(tmp_path):
                                   base_time={"min_s": 1.0, "median_s": 1.6, "runs": 3}, ratio=1.25),
         "eval:PAUPSeRALM": {"status": "failed", "returncode": 1, "error": "Traceback\nRuntimeError: x", "log": "l"},
     }
-    env = dict.fromkeys(("cpu", "cores", "usable_cores", "memory_gib", "os", "python", "torch", "recbole",
-                         "transformers", "peft", "recbole_llm", "git_commit"), "x") | {"gpu": "none"}
-    text = speed.render(results, "cpu", env, "cmd", "t0", "t1", [None, None], "amazon-scientific")
+    text = speed.render(results, "cpu", CPU_ENV, "cmd", "t0", "t1", [None, None], "amazon-scientific")
     assert "| 100 | 2 x 64 | 50 / 60 | 2 | 50.0 (100.0) | 100.0 (200.0) | 0.50 | 500 | 1.5 |" in text
     assert "| 8 | 1 x 8 | 40 | 16 / 100 | 30 | 4.00 (8.00) | 4.00 (8.00) | 1.00 | 500 | 1.5 |" in text
     assert "| SASRec | 1024 | 3 | 900.0 | 850.0 | 1.100 | 1,234 | 500 | 1.5 |" in text
@@ -251,8 +248,7 @@ def test_speed_eval_times_and_measures_each_model_on_its_own(tmp_path):
     # SeRALM's weights hold the knowledge vectors (a buffer) and their projection beside what SASRec has
     assert seralm["weights_mib"] > base["weights_mib"] > 0
     assert seralm["eval_added_cuda_mib"] is None  # a CPU run
-    env = dict.fromkeys(("cpu", "cores", "usable_cores", "memory_gib", "os", "python", "torch", "recbole",
-                         "transformers", "peft", "recbole_llm", "git_commit"), "x") | {"gpu": "none"}
+    env = CPU_ENV
     text = speed.render({"eval:SASRecSeRALM": dict(result, status="ok", peak_rss_mib=700.0, loadavg_end=None)},
                         "cpu", env, "cmd", "t0", "t1", [None, None], DATASET)
     assert f"| {seralm['weights_mib']:.1f} | {base['weights_mib']:.1f} | 700 |" in text

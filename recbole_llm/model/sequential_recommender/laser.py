@@ -195,7 +195,7 @@ class Laser(SequentialRecommender):
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
         missing = [k for k in result.missing_keys if not k.startswith(FROZEN_PREFIXES)]
         if strict and (missing or result.unexpected_keys):
-            if {k.split(".")[-2:] == ["router", "bias"] for k in missing + result.unexpected_keys} == {True}:
+            if all(k.split(".")[-2:] == ["router", "bias"] for k in missing + result.unexpected_keys):
                 saved = bool(result.unexpected_keys)
                 raise RuntimeError(f"Laser.load_state_dict: the checkpoint has {'an' if saved else 'no'} M-Former "
                                    f"router bias and this Laser has {'one' if missing else 'none'}: set router_bias: "
