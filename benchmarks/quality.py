@@ -327,7 +327,9 @@ def render(table, mode, env, command, started, finished, loads, settings_notes):
            "`peak RSS` the child process's maximum resident memory. A run that continued a killed attempt "
            "(`--resume=True`, same results) is left out of `time/run` and marked *. Rows may mix thread counts "
            "and machine load (each JSONL record has `torch_threads` and load averages), so `time/run` is a rough "
-           "guide across rows, not a speed comparison: `speed.py` makes those.", ""]
+           "guide across rows, not a speed comparison: `speed.py` makes those. RecBole rounds each metric to "
+           "4 decimals (`metric_decimal_place`), so a value carries up to ±0.00005 of rounding; the digits are "
+           "kept as RecBole gives them because its early stopping compares the rounded validation values.", ""]
     cuda = any(r.get("cuda_peak_mib") is not None for rows in table.values() for row in rows.values()
                for r in row["ok"])
     commits = sorted({r.get("env", {}).get("git_commit", "not recorded (runs before 2026-11-30)")

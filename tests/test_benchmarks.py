@@ -102,6 +102,7 @@ def test_aggregate_claims_and_render():
     text = quality.render(table, "cpu", env, "python benchmarks/quality.py", "t0", "t1", [[1, 1, 1], [2, 2, 2]], [])
     assert "| SASRec | 0.1020 ± 0.0028 | 0.0510 ± 0.0014 | 0.0255 ± 0.0007 | 2 | 10 | 100 |" in text
     assert "| Laser (suffix from [EOS]) | 0.1200 | 0.0600 | 0.0300 | 1 (1 not run) |" in text
+    assert "`metric_decimal_place`" in text  # the table says how much of a value is RecBole's rounding
 
     records[1] = dict(records[1], resumed=True, wall_s=3.0)  # continued a killed attempt: its time is partial
     text = quality.render(quality.aggregate(records, runs), "cpu", env, "cmd", "t0", "t1", [None, None], [])
