@@ -5,11 +5,19 @@ write of the same target removes such leftovers once nothing has touched them fo
 writer keeps touching its temp, so the age tells a dead writer's leftover from a write still going on."""
 
 import contextlib
+import logging
 import os
 import re
 import shutil
 import tempfile
 import time
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; processes building the same cache then duplicate the work
+    fcntl = None
+
+logger = logging.getLogger(__name__)
 
 STALE_AFTER_S = 24 * 3600
 
@@ -102,3 +110,31 @@ def atomic_write_text(path, text):
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
+
+
+@contextlib.contextmanager
+def build_lock(path, what):
+    """Hold an exclusive lock on ``.<name>.lock`` beside ``path`` for the block; ``what`` names the job in the
+    waiting message. The lock file stays (removing it would let a third process lock a new file while the second
+    still waits on the old one); it is hidden and empty.
+
+    Processes that would build the same cache (parallel ``run_hyper.py`` trials, benchmark streams) take turns:
+    the second waits, then finds the first one's finished file instead of building it again, and two writers
+    never append to one resume file. The kernel drops the lock when its holder dies, so a killed run never
+    leaves the cache locked. A lock is per open file, so a process must not nest two locks on one path."""
+    if fcntl is None:
+        yield
+        return
+    directory, name = os.path.split(os.path.abspath(path))
+    lock_path = os.path.join(directory, f".{name}.lock")  # never matches remove_stale_temps' temp names
+    os.makedirs(directory, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info(f"Waiting for another process to finish {what} (lock {lock_path})")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

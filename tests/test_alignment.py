@@ -14,6 +14,7 @@ from recbole_llm.trainer.alignment_loss import (
     per_token_kl,
 )
 from tests.helpers_alignment import set_threads, tiny_config, tiny_data, tiny_model
+from tests.helpers_foundation import listdir_without_locks
 
 set_threads()
 
@@ -273,7 +274,7 @@ def test_frozen_base_is_the_variants_base_trained_once_and_cached(tmp_path):
     dataset, _, _, _ = tiny_data(config)
     first = load_frozen_base(config, dataset)
     assert type(first) is Caser and not any(p.requires_grad for p in first.parameters())
-    files = os.listdir(cache)
+    files = listdir_without_locks(cache)
     assert len(files) == 1 and files[0].startswith("Caser-tinyalign-")
     stamp = os.path.getmtime(cache / files[0])
     second = load_frozen_base(config, dataset)  # from the cache, not retrained

@@ -20,6 +20,7 @@ from recbole_llm.data import knowledge as K
 from recbole_llm.llm import loader
 
 from tests import helpers_laser, helpers_seralm
+from tests.helpers_foundation import listdir_without_locks
 from tests.helpers_llm import tiny_encoder
 from tests.helpers_seralm import FakeGenerator
 
@@ -268,7 +269,7 @@ def test_frozen_sr_trained_once_then_reused(laser, monkeypatch):
 
     config, model = laser
     folder = os.path.join(config["checkpoint_dir"], "frozen_sr")
-    assert len(os.listdir(folder)) == 1
+    assert len(listdir_without_locks(folder)) == 1
 
     def no_training(*args, **kwargs):
         raise AssertionError("a cached frozen SR must not be retrained")

@@ -100,3 +100,31 @@ def test_atomic_dir_leaves_nothing_on_error_and_keeps_or_replaces_a_finished_cop
         open(os.path.join(tmp, "mine"), "w").write("x")
     assert os.listdir(target) == ["mine"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["converted"]
+
+
+def test_build_lock_makes_a_second_builder_wait_for_the_first(tmp_path, caplog):
+    from recbole_llm.fileio import build_lock
+    from tests.helpers_foundation import start_lock_holder
+
+    target = tmp_path / "cache.bin"
+    holder = start_lock_holder(target, "open(args[0], 'w').write('built by the first')", target)
+    with caplog.at_level("INFO", logger="recbole_llm.fileio"), build_lock(target, "building the cache"):
+        # we only get in after the first builder has finished its file
+        assert target.read_text() == "built by the first"
+    assert holder.wait(timeout=60) == 0
+    assert "Waiting for another process to finish building the cache" in caplog.text
+
+
+def test_build_lock_of_a_killed_holder_is_free_again(tmp_path):
+    target = tmp_path / "cache.bin"
+    code = ("import os, signal\n"
+            "from recbole_llm.fileio import build_lock\n"
+            f"with build_lock({str(target)!r}, 'x'):\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == -signal.SIGKILL
+    taker = (f"from recbole_llm.fileio import build_lock\n"
+             f"with build_lock({str(target)!r}, 'x'):\n"
+             "    print('taken')\n")
+    # a lock left held would block here; the timeout turns that into a failure instead of a hang
+    taken = subprocess.run([sys.executable, "-c", taker], capture_output=True, text=True, timeout=60)
+    assert taken.stdout.strip() == "taken"

@@ -153,6 +153,41 @@ def test_encoded_vectors_cache_round_trip(tiny, monkeypatch):
     assert other.shape == (5, 32) and torch.allclose(other[:4], vectors, atol=1e-5)
 
 
+def test_a_second_run_waits_for_the_first_and_reads_its_knowledge(tiny):
+    """Two runs that need the same knowledge (parallel run_hyper trials): the second waits for the first's
+    build lock, then reads its finished cache instead of generating again into the same resume file."""
+    from tests.helpers_foundation import start_lock_holder
+
+    config, dataset = tiny
+    key, _ = K.knowledge_key(config["dataset"], K.item_source_texts(dataset, config), config)
+    cache = K.KnowledgeCache(K.knowledge_cache_dir(config), key)
+    theirs = [""] + [f"written by the first run {i}" for i in range(1, N_ITEMS + 1)]
+    finish = ("import json\nfrom recbole_llm.data.knowledge import KnowledgeCache\n"
+              "KnowledgeCache(args[0], args[1]).finalize(json.loads(args[2]))")
+    holder = start_lock_holder(cache.final_path, finish, cache.directory, key, json.dumps(theirs))
+    ours = FakeGenerator()
+    assert K.generate_knowledge(dataset, config, generate_fn=ours, progress=False) == theirs
+    assert ours.batches == [] and holder.wait(timeout=60) == 0
+
+
+def test_a_second_run_waits_for_the_first_and_reads_its_vectors(tiny):
+    from tests.helpers_foundation import start_lock_holder
+
+    config, _ = tiny
+    texts = ["", "a lab kit", "glass beaker set"]
+    path = K.vectors_path(texts, config)
+    finish = ("import torch\nfrom safetensors.torch import save_file\n"
+              "save_file({'vectors': torch.full((3, 32), 0.5)}, args[0])")
+    holder = start_lock_holder(path, finish, path)
+
+    class NoEncoder:  # unpacked only on a cache miss
+        def __iter__(self):
+            raise AssertionError("the second run must read the first run's vectors, not encode again")
+
+    vectors = K.encode_knowledge(texts, config, encoder=NoEncoder(), progress=False)
+    assert torch.equal(vectors, torch.full((3, 32), 0.5)) and holder.wait(timeout=60) == 0
+
+
 def test_knowledge_source_item_text_needs_no_llm(tiny, monkeypatch):
     config, dataset = tiny
 

