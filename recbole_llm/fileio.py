@@ -2,7 +2,9 @@
 
 A writer that dies without running its cleanup (SIGKILL, power cut) leaves its temp beside the target. The next
 write of the same target removes such leftovers once nothing has touched them for ``STALE_AFTER_S``: a live
-writer keeps touching its temp, so the age tells a dead writer's leftover from a write still going on."""
+writer keeps touching its temp, so the age tells a dead writer's leftover from a write still going on.
+
+``build_lock`` makes processes that would build the same cache take turns (see its docstring)."""
 
 import contextlib
 import logging
