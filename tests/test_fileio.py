@@ -116,12 +116,11 @@ def test_build_lock_makes_a_second_builder_wait_for_the_first(tmp_path, caplog):
 
 
 def test_build_lock_of_a_killed_holder_is_free_again(tmp_path):
+    from tests.helpers_foundation import start_lock_holder
+
     target = tmp_path / "cache.bin"
-    code = ("import os, signal\n"
-            "from recbole_llm.fileio import build_lock\n"
-            f"with build_lock({str(target)!r}, 'x'):\n"
-            "    os.kill(os.getpid(), signal.SIGKILL)\n")
-    assert subprocess.run([sys.executable, "-c", code]).returncode == -signal.SIGKILL
+    holder = start_lock_holder(target, "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
+    assert holder.wait(timeout=60) == -signal.SIGKILL
     taker = (f"from recbole_llm.fileio import build_lock\n"
              f"with build_lock({str(target)!r}, 'x'):\n"
              "    print('taken')\n")
