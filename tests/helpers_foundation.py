@@ -1,4 +1,5 @@
-"""Tiny SASRec settings on ml-100k (ships inside the recbole wheel) for fast end-to-end runs."""
+"""Tiny SASRec settings on ml-100k (ships inside the recbole wheel) for fast end-to-end runs, and helpers for
+the cache build-lock tests (a lock-holding subprocess; folder listings without the lock files)."""
 
 TINY_SASREC = {
     "epochs": 1,

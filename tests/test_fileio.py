@@ -8,7 +8,9 @@ import time
 
 import pytest
 
-from recbole_llm.fileio import STALE_AFTER_S, atomic_dir, atomic_path, atomic_write_text, remove_stale_temps
+from recbole_llm.fileio import (STALE_AFTER_S, atomic_dir, atomic_path, atomic_write_text, build_lock,
+                                 remove_stale_temps)
+from tests.helpers_foundation import start_lock_holder
 
 DAY_AGO = time.time() - STALE_AFTER_S - 60
 
@@ -103,9 +105,6 @@ def test_atomic_dir_leaves_nothing_on_error_and_keeps_or_replaces_a_finished_cop
 
 
 def test_build_lock_makes_a_second_builder_wait_for_the_first(tmp_path, caplog):
-    from recbole_llm.fileio import build_lock
-    from tests.helpers_foundation import start_lock_holder
-
     target = tmp_path / "cache.bin"
     holder = start_lock_holder(target, "open(args[0], 'w').write('built by the first')", target)
     with caplog.at_level("INFO", logger="recbole_llm.fileio"), build_lock(target, "building the cache"):
@@ -116,8 +115,6 @@ def test_build_lock_makes_a_second_builder_wait_for_the_first(tmp_path, caplog):
 
 
 def test_build_lock_of_a_killed_holder_is_free_again(tmp_path):
-    from tests.helpers_foundation import start_lock_holder
-
     target = tmp_path / "cache.bin"
     holder = start_lock_holder(target, "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
     assert holder.wait(timeout=60) == -signal.SIGKILL

@@ -12,6 +12,7 @@ import recbole_llm  # noqa: F401
 from recbole_llm.data import knowledge as K
 from recbole_llm.llm.prompts import knowledge_prompt
 
+from tests.helpers_foundation import start_lock_holder
 from tests.helpers_seralm import DATASET, N_ITEMS, FakeGenerator, fake_knowledge, tiny_config_dict
 
 torch.set_num_threads(1)
@@ -156,8 +157,6 @@ def test_encoded_vectors_cache_round_trip(tiny, monkeypatch):
 def test_a_second_run_waits_for_the_first_and_reads_its_knowledge(tiny):
     """Two runs that need the same knowledge (parallel run_hyper trials): the second waits for the first's
     build lock, then reads its finished cache instead of generating again into the same resume file."""
-    from tests.helpers_foundation import start_lock_holder
-
     config, dataset = tiny
     key, _ = K.knowledge_key(config["dataset"], K.item_source_texts(dataset, config), config)
     cache = K.KnowledgeCache(K.knowledge_cache_dir(config), key)
@@ -171,8 +170,6 @@ def test_a_second_run_waits_for_the_first_and_reads_its_knowledge(tiny):
 
 
 def test_a_second_run_waits_for_the_first_and_reads_its_vectors(tiny):
-    from tests.helpers_foundation import start_lock_holder
-
     config, _ = tiny
     texts = ["", "a lab kit", "glass beaker set"]
     path = K.vectors_path(texts, config)
