@@ -16,12 +16,18 @@ import time
 
 try:
     import fcntl
-except ImportError:  # Windows: no advisory locks; processes building the same cache then duplicate the work
+except ImportError:  # Windows: byte-range locks through msvcrt instead
     fcntl = None
+try:
+    import msvcrt
+except ImportError:  # POSIX
+    msvcrt = None
 
 logger = logging.getLogger(__name__)
 
 STALE_AFTER_S = 24 * 3600
+# msvcrt has no blocking lock that waits without limit (LK_LOCK gives up after 10 s), so a waiter polls.
+LOCK_POLL_S = 1.0
 
 
 def _temp_prefix(path):
@@ -122,21 +128,52 @@ def build_lock(path, what):
 
     Processes that would build the same cache (parallel ``run_hyper.py`` trials, benchmark streams) take turns:
     the second waits, then finds the first one's finished file instead of building it again, and two writers
-    never append to one resume file. The kernel drops the lock when its holder dies, so a killed run never
+    never append to one resume file. The OS drops the lock when its holder dies, so a killed run never
     leaves the cache locked. A lock is per open file, so a process must not nest two locks on one path."""
-    if fcntl is None:
-        yield
-        return
     directory, name = os.path.split(os.path.abspath(path))
     lock_path = os.path.join(directory, f".{name}.lock")  # never matches remove_stale_temps' temp names
     os.makedirs(directory, exist_ok=True)
-    with open(lock_path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+    with open(lock_path, "ab") as handle:
+        if not _try_lock(handle):
             logger.info(f"Waiting for another process to finish {what} (lock {lock_path})")
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            _wait_for_lock(handle)
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            _unlock(handle)
+
+
+# One exclusive lock per open lock file: flock on POSIX; on Windows a lock on its first byte (msvcrt, which
+# locks from the file position; locking past the end of the empty file is allowed). Both are released by the
+# OS when the holder dies. On a platform with neither, the lock is a no-op and parallel builders duplicate work.
+def _try_lock(handle):
+    """Take the lock without waiting; False when another process holds it."""
+    if fcntl is not None:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+    if msvcrt is not None:
+        handle.seek(0)
+        try:
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+    return True
+
+
+def _wait_for_lock(handle):
+    if fcntl is not None:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        return
+    while not _try_lock(handle):
+        time.sleep(LOCK_POLL_S)
+
+
+def _unlock(handle):
+    if fcntl is not None:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    elif msvcrt is not None:
+        handle.seek(0)
+        msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)

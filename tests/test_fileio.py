@@ -1,13 +1,15 @@
-"""Atomic writes of files and directories, and the removal of temps that killed writers left behind."""
+"""Atomic writes of files and directories, the removal of temps that killed writers left behind, and the build lock."""
 
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
+from recbole_llm import fileio
 from recbole_llm.fileio import (STALE_AFTER_S, atomic_dir, atomic_path, atomic_write_text, build_lock,
                                  remove_stale_temps)
 from tests.helpers_foundation import start_lock_holder
@@ -124,3 +126,69 @@ def test_build_lock_of_a_killed_holder_is_free_again(tmp_path):
     # a lock left held would block here; the timeout turns that into a failure instead of a hang
     taken = subprocess.run([sys.executable, "-c", taker], capture_output=True, text=True, timeout=60)
     assert taken.stdout.strip() == "taken"
+
+
+class FakeMsvcrt:
+    """Windows' msvcrt.locking as it behaves: an exclusive lock on ``nbytes`` bytes from the descriptor's
+    current position; another descriptor's LK_NBLCK on a locked range raises OSError; LK_UNLCK of a range that
+    this descriptor does not hold raises OSError. Ranges are keyed by the file's inode."""
+    LK_UNLCK, LK_NBLCK = 0, 2
+
+    def __init__(self):
+        self.held = {}  # (inode, offset, nbytes) -> fd
+        self.guard = threading.Lock()
+        self.refusals = 0
+
+    def locking(self, fd, mode, nbytes):
+        key = (os.fstat(fd).st_ino, os.lseek(fd, 0, os.SEEK_CUR), nbytes)
+        with self.guard:
+            if mode == self.LK_NBLCK:
+                if key in self.held:
+                    self.refusals += 1
+                    raise PermissionError(13, "Permission denied")
+                self.held[key] = fd
+            elif mode == self.LK_UNLCK:
+                if self.held.get(key) != fd:
+                    raise PermissionError(13, "Permission denied")
+                del self.held[key]
+            else:
+                raise AssertionError(f"build_lock should only use LK_NBLCK and LK_UNLCK, used mode {mode}")
+
+
+def test_build_lock_without_fcntl_takes_turns_through_msvcrt(tmp_path, monkeypatch, caplog):
+    fake = FakeMsvcrt()
+    monkeypatch.setattr(fileio, "fcntl", None)
+    monkeypatch.setattr(fileio, "msvcrt", fake)
+    monkeypatch.setattr(fileio, "LOCK_POLL_S", 0.01)
+    target = tmp_path / "cache.bin"
+    (tmp_path / ".cache.bin.lock").write_bytes(b"x")  # a non-empty lock file: the lock must still be at byte 0
+    holding, order = threading.Event(), []
+
+    def second_builder():
+        holding.wait()
+        with build_lock(target, "building the cache"):
+            order.append("second")
+
+    waiter = threading.Thread(target=second_builder, daemon=True)  # a failed test must not hang pytest
+    with caplog.at_level("INFO", logger="recbole_llm.fileio"):
+        with build_lock(target, "building the cache"):
+            assert [offset for _, offset, _ in fake.held] == [0]
+            waiter.start()
+            holding.set()
+            deadline = time.monotonic() + 30
+            while fake.refusals < 2:  # the second builder has been refused and is polling
+                assert time.monotonic() < deadline, "the second builder never retried the held lock"
+                time.sleep(0.01)
+            order.append("first")
+        waiter.join(timeout=30)
+    assert order == ["first", "second"]
+    assert fake.held == {}  # both released
+    assert "Waiting for another process to finish building the cache" in caplog.text
+
+
+def test_build_lock_without_any_lock_api_still_runs_the_block(tmp_path, monkeypatch):
+    monkeypatch.setattr(fileio, "fcntl", None)
+    monkeypatch.setattr(fileio, "msvcrt", None)
+    with build_lock(tmp_path / "cache.bin", "building the cache"):
+        with build_lock(tmp_path / "cache.bin", "building the cache"):  # no lock, so nesting cannot block
+            pass

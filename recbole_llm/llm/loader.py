@@ -193,7 +193,7 @@ def _convert_gguf(gguf_path, target):
         del model.config.quantization_config
     if hasattr(model, "is_quantized"):
         model.is_quantized = False
-    # A copy that another process finished meanwhile (no lock: Windows) is kept: it is as good as ours.
+    # A copy that another process finished meanwhile (a platform without file locks) is kept: it is as good as ours.
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
