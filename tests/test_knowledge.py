@@ -244,3 +244,29 @@ def test_shared_prefix_generation_equals_plain_generation():
     texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in plain]
     config = {"dataset": DATASET, "knowledge_max_new_tokens": 6, "knowledge_repetition_penalty": 5.0}
     assert K._default_generate_fn(llm, tokenizer, config)(prompts) == texts
+
+
+def test_shared_prefix_generation_of_the_aligned_lora_llm_uses_the_forwards_cache_argument():
+    """Phase C regenerates knowledge with the peft-wrapped aligned LLM. Its key/value cache goes in under the
+    forward's own argument name (transformers 5 renamed past_key_values to cache and warns on the old one), and
+    the output equals plain greedy generation with the adapter on."""
+    from peft import LoraConfig, get_peft_model
+
+    from recbole_llm.llm.generate import generate_with_ids
+    from recbole_llm.llm.prefix_generate import prefix_shared_generate
+    from recbole_llm.llm.prompts import knowledge_prompt_parts
+    from tests.helpers_llm import TINY_TEXTS, tiny_llm
+
+    llm, tokenizer = tiny_llm()
+    torch.manual_seed(0)
+    lora = get_peft_model(llm, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+                                          init_lora_weights=False))  # random B: the adapter changes the output
+    prompts = K.knowledge_prompts(TINY_TEXTS, tokenizer)
+    prefix = knowledge_prompt_parts(tokenizer)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        shared = prefix_shared_generate(lora, tokenizer, prefix, [p[len(prefix):] for p in prompts],
+                                        max_new_tokens=6, repetition_penalty=5.0, return_ids=True)
+    plain = [generate_with_ids(lora, tokenizer, [p], max_new_tokens=6, batch_size=1, repetition_penalty=5.0,
+                               progress=False)[0]["gen_ids"].tolist() for p in prompts]
+    assert shared == plain

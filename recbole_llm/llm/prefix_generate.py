@@ -9,8 +9,16 @@ padding is masked and position ids continue from the prefix, so every row sees e
 """
 
 import copy
+import inspect
 
 import torch
+
+
+def _cache_name(model):
+    """The forward's key/value-cache argument, which is also the output's field: transformers 5 renamed
+    ``past_key_values`` to ``cache`` (5.24 warns on the old name; it is to go in 5.40), and setup.cfg allows both."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper takes **kwargs
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def _stop_ids(model, tokenizer):
@@ -45,7 +53,8 @@ def prefix_shared_generate(model, tokenizer, prefix, suffixes, max_new_tokens=64
     rows = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in suffixes]
     if prefix_ids.size(1) == 0 or any(len(r) == 0 for r in rows):
         raise ValueError("prefix_shared_generate needs a non-empty prefix and non-empty suffixes.")
-    prefix_cache = model(input_ids=prefix_ids, use_cache=True).past_key_values
+    cache_name = _cache_name(model)
+    prefix_cache = getattr(model(input_ids=prefix_ids, use_cache=True), cache_name)
     batch, width, start = len(rows), max(len(r) for r in rows), prefix_ids.size(1)
     ids = torch.full((batch, width), pad, dtype=torch.long, device=device)
     suffix_mask = torch.zeros((batch, width), dtype=torch.long, device=device)
@@ -56,8 +65,8 @@ def prefix_shared_generate(model, tokenizer, prefix, suffixes, max_new_tokens=64
     positions = start + (suffix_mask.cumsum(-1) - 1).clamp(min=0)
     cache = copy.deepcopy(prefix_cache)
     cache.batch_repeat_interleave(batch)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                   use_cache=True).logits[:, -1]
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                   **{cache_name: cache}).logits[:, -1]
     vocab = logits.size(-1)
     seen = torch.zeros((batch, vocab), dtype=torch.bool, device=device)
     seen[:, prefix_ids[0].clamp(max=vocab - 1)] = True
@@ -75,8 +84,8 @@ def prefix_shared_generate(model, tokenizer, prefix, suffixes, max_new_tokens=64
             break
         seen[torch.arange(batch, device=device), token] = True
         mask = torch.cat([mask, torch.ones((batch, 1), dtype=torch.long, device=device)], dim=1)
-        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
-                       past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position, use_cache=True,
+                       **{cache_name: cache}).logits[:, -1]
         next_position = next_position + 1
     stops = set(stop.tolist())
     kept = []
