@@ -434,7 +434,7 @@ def test_train_samples_per_epoch_bounds_the_steps(built):
     assert first != second  # a different random subset each epoch
 
 
-def test_stage2_never_ends_worse_than_the_best_stage1_state(root):
+def test_stage2_never_ends_worse_than_the_best_stage1_state(root, caplog):
     from recbole_llm.trainer.laser_trainer import LaserTrainer
 
     config, model, train_data, valid_data, _ = H.build(root, stage1_epochs=1, stage2_epochs=2)
@@ -447,8 +447,12 @@ def test_stage2_never_ends_worse_than_the_best_stage1_state(root):
         return next(scores), result
 
     trainer._valid_epoch = scripted
-    best, _ = trainer.fit(train_data, valid_data, saved=True)
+    with caplog.at_level("INFO"):
+        best, _ = trainer.fit(train_data, valid_data, saved=True)
     assert best == 0.5
+    # one "Saving current" for stage 1's best; the stage-2 line names the second save of the same file
+    assert caplog.text.count("Saving current") == 1
+    assert "from the best stage-1 state, saved as stage 2's first checkpoint" in caplog.text
     checkpoint = torch.load(trainer.saved_model_file, weights_only=True)
     # the best checkpoint is the stage-2 starting point: best stage-1 weights, stage 2, resumable in stage 2
     assert checkpoint["epoch"] == 0 and checkpoint["laser_stage"] == 2 and checkpoint["best_valid_score"] == 0.5

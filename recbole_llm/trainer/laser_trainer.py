@@ -111,10 +111,15 @@ class LaserTrainer(SafeCheckpointMixin, Trainer):
         if self._stage1_best is not None and saved:
             # Stage 2 starts from the best stage-1 state, a valid stage-2 model (fixed matrix) whose score
             # stands as the best so far: save it as the stage-2 checkpoint, so a stage-2 epoch replaces it
-            # only if it validates better, and a resume from it continues in stage 2.
-            self._save_checkpoint(self.stage1_epochs - 1, verbose=verbose)
+            # only if it validates better, and a resume from it continues in stage 2. The file already holds these
+            # weights (saved when they validated best), so the stage-2 line below names this save instead of a
+            # second "Saving current" of the same path.
+            self._save_checkpoint(self.stage1_epochs - 1, verbose=False)
         if verbose:
-            self.logger.info(set_color("Laser stage 2", "yellow") + ": item matrix fixed, training on")
+            origin = ""
+            if self._stage1_best is not None:
+                origin = " from the best stage-1 state" + (", saved as stage 2's first checkpoint" if saved else "")
+            self.logger.info(set_color("Laser stage 2", "yellow") + f": item matrix fixed, training on{origin}")
 
     def resume_checkpoint(self, resume_file):
         super().resume_checkpoint(resume_file)
