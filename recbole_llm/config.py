@@ -85,6 +85,9 @@ class Config(RecBoleConfig):
         from recbole_llm.validation import validate_config
 
         validate_config(self)
+        settle = getattr(self.model_class, "settle_config", None)  # keys a model derives from others (Laser: epochs)
+        if settle is not None:
+            settle(self)
 
     def compatibility_settings(self):
         # RecBole 1.2.1 uses np.float/np.int/np.bool; numpy>=1.24 removed them and numpy 2 removed np.float_.

@@ -419,6 +419,22 @@ def test_bad_keys_give_clear_errors(root):
         H.build(root, frozen_sr_model="GRU4Rec")
 
 
+def test_epochs_is_what_the_two_stages_run_and_another_value_is_refused(root):
+    from recbole_llm.config import Config
+    from recbole_llm.errors import ConfigError
+
+    def epochs(**overrides):
+        config_dict = H.tiny_config_dict(root, stage1_epochs=3, stage2_epochs=2, **overrides)
+        return Config(model="Laser", dataset="tiny-laser", config_dict=config_dict, cmd_args=[])["epochs"]
+
+    assert epochs() == 5  # the YAML's 20 would have been printed in the config dump while 5 ran
+    assert epochs(skip_stage1=True) == 2 and epochs(skip_stage2=True) == 3
+    assert epochs(epochs=5) == 5
+    with pytest.raises(ConfigError, match=r"epochs=7 does not apply to Laser: it trains stage1_epochs \(3\) \+ "
+                                          r"stage2_epochs \(2\) = 5 epochs"):
+        epochs(epochs=7)
+
+
 def test_train_samples_per_epoch_bounds_the_steps(built):
     from recbole_llm.trainer.laser_trainer import LaserTrainer
 

@@ -48,6 +48,8 @@ def test_stock_run_recbole_trains_laser_and_reloads_it(tmp_path):
     result = _stock_run("Laser", cfg, dataset="tiny-laser")
     reloaded = _reload_and_test(_saved_file(tmp_path, "Laser"))
     assert reloaded["ndcg@10"] == pytest.approx(result["test_result"]["ndcg@10"], abs=1e-6)
+    # RecBole's own Config knows nothing of the stages; the model set epochs to what the trainer ran (1 + 1)
+    assert torch.load(_saved_file(tmp_path, "Laser"), weights_only=True)["config"]["epochs"] == 2
 
 
 def test_stock_run_recbole_trains_paup_as_the_readme_shows(tmp_path):

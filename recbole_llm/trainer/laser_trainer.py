@@ -26,14 +26,14 @@ from torch.nn.utils import clip_grad_norm_
 from tqdm.auto import tqdm
 
 from recbole_llm.faults import kill_point
+from recbole_llm.model.sequential_recommender.laser import stage_epochs
 from recbole_llm.trainer.safe import SafeCheckpointMixin
 
 
 class LaserTrainer(SafeCheckpointMixin, Trainer):
     def __init__(self, config, model):
         super().__init__(config, model)
-        self.stage1_epochs = 0 if config["skip_stage1"] else int(config["stage1_epochs"])
-        self.stage2_epochs = 0 if config["skip_stage2"] else int(config["stage2_epochs"])
+        self.stage1_epochs, self.stage2_epochs = stage_epochs(config)
         if self.stage1_epochs + self.stage2_epochs <= 0 and not config["init_checkpoint"]:
             raise ValueError("Laser needs at least one epoch: stage1_epochs/stage2_epochs are 0 or both stages skipped "
                              "(no epochs at all is the zero-shot evaluation of an init_checkpoint)")

@@ -78,6 +78,12 @@ def leading_special_ids(tokenizer):
     return []
 
 
+def stage_epochs(config):
+    """(stage-1 epochs, stage-2 epochs) that LaserTrainer runs: a skipped stage has none."""
+    return (0 if config["skip_stage1"] else int(config["stage1_epochs"]),
+            0 if config["skip_stage2"] else int(config["stage2_epochs"]))
+
+
 class Laser(SequentialRecommender):
     input_type = InputType.POINTWISE
 
@@ -86,9 +92,23 @@ class Laser(SequentialRecommender):
         """What a run loads besides the atomic files (checked by recbole_llm.preflight before anything is written)."""
         return {"item_text", "llm"}
 
+    @classmethod
+    def settle_config(cls, config):
+        """Set ``epochs`` to the epochs LaserTrainer runs (stage 1 + stage 2), so RecBole's config dump and tools
+        that read ``epochs`` tell the truth. The trainer counts the stages only, so a user's different ``epochs``
+        would be silently ignored: it is refused instead."""
+        stage1, stage2 = stage_epochs(config)
+        asked = (getattr(config, "external_config_dict", None) or {}).get("epochs")
+        if asked is not None and int(asked) != stage1 + stage2:
+            raise ConfigError(f"epochs={asked} does not apply to Laser: it trains stage1_epochs ({stage1}) + "
+                              f"stage2_epochs ({stage2}) = {stage1 + stage2} epochs (a skipped stage counts 0). "
+                              "Set stage1_epochs / stage2_epochs instead, or leave epochs unset.")
+        config["epochs"] = stage1 + stage2
+
     def __init__(self, config, dataset):
         apply_plugin_defaults(config, "Laser")  # stock RecBole Config does not know the plugin YAML
         check_softmax_training(config, "Laser")  # IIC is a softmax over all items
+        self.settle_config(config)  # the plugin Config did this already; RecBole's own has not
         super().__init__(config, dataset)
         self.temperature = config["temperature"]
         self.lb_weight = config["lb_weight"]
