@@ -42,7 +42,7 @@ def test_prompt_fills_item_text_and_asks_for_audience():
         knowledge_prompt("  ")
 
 
-def test_round_trip_and_no_regeneration(tiny):
+def test_round_trip_and_no_regeneration(tiny, caplog):
     config, dataset = tiny
     gen = FakeGenerator()
     texts = K.generate_knowledge(dataset, config, generate_fn=gen, progress=False)
@@ -53,8 +53,13 @@ def test_round_trip_and_no_regeneration(tiny):
     # consolidated file only: the partial JSONL is gone
     assert [f for f in cache_files(config) if f.endswith(".jsonl")] == []
     again = FakeGenerator()
-    assert K.generate_knowledge(dataset, config, generate_fn=again, progress=False) == texts
+    with caplog.at_level("INFO", logger="recbole_llm.data.knowledge"):
+        assert K.generate_knowledge(dataset, config, generate_fn=again, progress=False) == texts
     assert again.batches == []
+    # a run that reads cached knowledge says so, and from which file
+    [final] = [f for f in cache_files(config) if f.startswith("knowledge-") and f.endswith(".json")]
+    path = os.path.join(K.knowledge_cache_dir(config), final)
+    assert f"Knowledge texts of {N_ITEMS} items (LLM adapter 'base') read from {path}" in caplog.text
 
 
 def test_resume_after_interruption_generates_only_the_rest(tiny):
@@ -128,7 +133,7 @@ def test_cache_key_changes_with_llm_adapter_and_settings(tiny, tmp_path):
     assert meta["dataset"] == DATASET and {"llm_fingerprint", "adapter_version", "max_new_tokens"} <= set(meta)
 
 
-def test_encoded_vectors_cache_round_trip(tiny, monkeypatch):
+def test_encoded_vectors_cache_round_trip(tiny, monkeypatch, caplog):
     from safetensors.torch import load_file
 
     from tests.helpers_llm import tiny_encoder
@@ -148,7 +153,9 @@ def test_encoded_vectors_cache_round_trip(tiny, monkeypatch):
         raise AssertionError("the encoder must not be loaded on a cache hit")
 
     monkeypatch.setattr("recbole_llm.llm.loader.load_text_encoder", no_encoder)
-    assert torch.equal(K.encode_knowledge(texts, config, progress=False), vectors)
+    with caplog.at_level("INFO", logger="recbole_llm.data.knowledge"):
+        assert torch.equal(K.encode_knowledge(texts, config, progress=False), vectors)
+    assert f"Knowledge vectors of 3 items read from {path}" in caplog.text
     other = K.encode_knowledge(["", "a lab kit", "", "glass beaker set", "x"], config, encoder=tiny_encoder(),
                                progress=False)
     assert other.shape == (5, 32) and torch.allclose(other[:4], vectors, atol=1e-5)

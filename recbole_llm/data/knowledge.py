@@ -287,6 +287,8 @@ def generate_knowledge(dataset, config, llm=None, tokenizer=None, adapter_versio
     if len(texts) != len(source_texts):
         raise ValueError(f"Knowledge cache '{cache.final_path}' holds {len(texts)} items, expected "
                          f"{len(source_texts)}; delete it to regenerate.")
+    logger.info(f"Knowledge texts of {len(texts) - 1} items (LLM adapter {adapter_version!r}) read from "
+                f"{cache.final_path}")
     return texts
 
 
@@ -366,7 +368,9 @@ def encode_knowledge(texts, config, encoder=None, progress=True):
         with build_lock(path, "encoding knowledge vectors"):
             vectors = _load_vectors(path, len(texts))  # a process that held the lock before us may have written it
             if vectors is None:
-                vectors = _encode_and_save(texts, config, encoder, path, progress)
+                logger.info(f"Encoding the knowledge of {len(texts) - 1} items into {path}")
+                return _encode_and_save(texts, config, encoder, path, progress)
+    logger.info(f"Knowledge vectors of {len(texts) - 1} items read from {path}")
     return vectors
 
 
