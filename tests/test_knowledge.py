@@ -270,14 +270,17 @@ def test_shared_prefix_generation_of_the_aligned_lora_llm_uses_the_forwards_cach
                                           init_lora_weights=False))  # random B: the adapter changes the output
     prompts = K.knowledge_prompts(TINY_TEXTS, tokenizer)
     prefix = knowledge_prompt_parts(tokenizer)[0]
+    suffixes = [p[len(prefix):] for p in prompts]
+
+    def shared_ids():
+        return prefix_shared_generate(lora, tokenizer, prefix, suffixes, max_new_tokens=6, repetition_penalty=5.0,
+                                      return_ids=True)
+
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
-        shared = prefix_shared_generate(lora, tokenizer, prefix, [p[len(prefix):] for p in prompts],
-                                        max_new_tokens=6, repetition_penalty=5.0, return_ids=True)
+        shared = shared_ids()
     plain = [generate_with_ids(lora, tokenizer, [p], max_new_tokens=6, batch_size=1, repetition_penalty=5.0,
                                progress=False)[0]["gen_ids"].tolist() for p in prompts]
     assert shared == plain
     with lora.disable_adapter():  # the comparison means something only if the adapter was on in both
-        without = prefix_shared_generate(lora, tokenizer, prefix, [p[len(prefix):] for p in prompts],
-                                         max_new_tokens=6, repetition_penalty=5.0, return_ids=True)
-    assert without != shared
+        assert shared_ids() != shared
