@@ -35,12 +35,8 @@ def test_every_shipped_folder_is_a_found_package():
 def test_torch_requirement_has_safe_loading():
     # torch.serialization.add_safe_globals arrived in 2.4 and torch.load defaults to weights_only=True from
     # 2.6; RecBole's own evaluate(load_best_model=True) relies on that default (found by review).
-    import configparser
-
     from packaging.requirements import Requirement
 
-    parser = configparser.ConfigParser()
-    parser.read(os.path.join(REPO, "setup.cfg"))
-    reqs = [Requirement(line) for line in parser["options"]["install_requires"].split("\n") if line.strip()]
+    reqs = [Requirement(line) for line in _setup_cfg()["options"]["install_requires"].split("\n") if line.strip()]
     torch_spec = next(r.specifier for r in reqs if r.name == "torch")
     assert not torch_spec.contains("2.5.1") and torch_spec.contains("2.6.0")
