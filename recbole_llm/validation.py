@@ -76,11 +76,13 @@ def choices():
     """key -> allowed values of the plugin's string switches, taken from the modules that read them (imported
     lazily: they import this module). Checked at Config time so a typo stops the run before any file is written;
     the models check their own keys again for configs built elsewhere (stock RecBole)."""
-    from recbole_llm.data.knowledge import KNOWLEDGE_SOURCES
+    from recbole_llm.data.knowledge import GROUNDINGS, KNOWLEDGE_SOURCES
     from recbole_llm.model.frozen_sr import SUPPORTED_SR
     from recbole_llm.model.sequential_recommender.laser import NO_MFORMER_PREFIXES, POOLINGS, SUFFIX_INITS, TEMPLATES
     from recbole_llm.model.sequential_recommender.mformer import ROUTER_GRADIENTS
-    from recbole_llm.model.sequential_recommender.seralm import KNOWLEDGE_CONCATS
+    from recbole_llm.model.sequential_recommender.paup import POS_SCORE_SCALINGS
+    from recbole_llm.model.sequential_recommender.seralm import KNOWLEDGE_CANDIDATES, KNOWLEDGE_CONCATS
+    from recbole_llm.trainer.alignment_loss import BASELINES
     from recbole_llm.trainer.alignment_trainer import GENERATOR_MODES, KL_ESTIMATORS
 
     return {
@@ -89,11 +91,15 @@ def choices():
         "suffix_init": SUFFIX_INITS,
         "no_mformer_prefix": NO_MFORMER_PREFIXES,
         "router_gradient": ROUTER_GRADIENTS,
+        "pos_score_scaling": POS_SCORE_SCALINGS,
         "frozen_sr_model": SUPPORTED_SR,
         "knowledge_source": (*KNOWLEDGE_SOURCES, "checkpoint"),  # checkpoint: read by the SeRALM models themselves
         "generator_mode": GENERATOR_MODES,
         "kl_estimator": KL_ESTIMATORS,
+        "align_baseline": BASELINES,
         "knowledge_concat": KNOWLEDGE_CONCATS,
+        "knowledge_grounding": GROUNDINGS,
+        "knowledge_candidates": KNOWLEDGE_CANDIDATES,
     }
 
 

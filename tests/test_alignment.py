@@ -12,6 +12,7 @@ from recbole_llm.trainer.alignment_loss import (
     importance_weights,
     membership_matrix,
     per_token_kl,
+    subtract_baseline,
 )
 from tests.helpers_alignment import set_threads, tiny_config, tiny_data, tiny_model
 from tests.helpers_foundation import listdir_without_locks
@@ -52,6 +53,26 @@ def test_loss_gradient_is_weighted_score_plus_kl_gradient():
     assert stats["weight_max"] == pytest.approx(3.0)
     with pytest.raises(ValueError, match="membership"):
         alignment_llm_loss(cur, orig, weights, member[:, :2], alpha)
+
+
+def test_leave_one_out_baseline_centres_the_weights_without_using_an_instances_own_weight():
+    weights = torch.tensor([3.0, 0.5, 1.0, 1.5])
+    adv = subtract_baseline(weights, "leave_one_out")
+    for b in range(4):
+        others = torch.cat([weights[:b], weights[b + 1:]]).mean()
+        assert adv[b] == pytest.approx(float(weights[b] - others))
+    assert float(adv.mean()) == pytest.approx(0.0, abs=1e-6)  # b's baseline never sees w_b: E[adv grad] unchanged
+    assert torch.equal(subtract_baseline(weights, "none"), weights)
+    assert torch.equal(subtract_baseline(weights[:1], "leave_one_out"), weights[:1])  # one instance: nothing to subtract
+    with pytest.raises(ValueError, match="align_baseline"):
+        subtract_baseline(weights, "mean")
+    # in the loss: the policy gradient of a token of instance b is -(w_b - baseline_b) / B
+    cur = [torch.tensor([-1.0], requires_grad=True), torch.tensor([-2.0], requires_grad=True)]
+    loss, stats = alignment_llm_loss(cur, [c.detach() for c in cur], torch.tensor([3.0, 1.0]),
+                                     membership_matrix([[1], [2]], [1, 2]), 0.0, baseline="leave_one_out")
+    loss.backward()
+    assert float(cur[0].grad) == pytest.approx(-(3.0 - 1.0) / 2) and float(cur[1].grad) == pytest.approx(-(1.0 - 3.0) / 2)
+    assert stats["advantage_std"] > 0
 
 
 def test_kl_estimators_are_zero_at_identity_and_k2_k3_have_zero_gradient_there():
@@ -286,6 +307,43 @@ def test_frozen_base_is_the_variants_base_trained_once_and_cached(tmp_path):
     assert base_model_name(tiny_config("LightSANsSeRALM", tmp_path)) == "LightSANs"
 
 
+def test_base_warm_start_starts_the_variant_at_the_trained_base(tmp_path, shared_knowledge):
+    """base_warm_start: the variant's base weights are the cached frozen base's, so with the fusion at [I ; 0] it
+    scores exactly as the trained base before its first step; split refuses (its ID embedding is narrower)."""
+    from recbole_llm.errors import ConfigError
+    from recbole_llm.trainer.alignment_trainer import AlignmentTrainer, load_frozen_base
+
+    config = tiny_config("SASRecSeRALM", tmp_path, knowledge_cache_dir=shared_knowledge, alignment=False,
+                         base_warm_start=True, frozen_base_cache_dir=str(tmp_path / "frozen"))
+    dataset, train, valid, test = tiny_data(config)
+    model = tiny_model(config, train)
+    trainer = AlignmentTrainer(config, model)
+    trainer.warm_start_from_base(dataset)
+    base = load_frozen_base(config, dataset)
+    model.eval()
+    batch = next(iter(test))[0]
+    assert torch.equal(model.full_sort_predict(batch), base.full_sort_predict(batch))
+    split = tiny_config("SASRecSeRALM", tmp_path, knowledge_cache_dir=shared_knowledge, alignment=False,
+                        base_warm_start=True, knowledge_concat="split")
+    with pytest.raises(ConfigError, match="knowledge_concat: project"):
+        AlignmentTrainer(split, tiny_model(split, train)).fit(train, valid, saved=False)
+
+
+def test_joint_grounding_encodes_the_item_text_with_its_knowledge(tmp_path, shared_knowledge, monkeypatch):
+    from recbole_llm.data import knowledge as K
+
+    config = tiny_config("SASRecSeRALM", tmp_path, knowledge_cache_dir=shared_knowledge, knowledge_grounding="joint")
+    dataset, _, _, _ = tiny_data(config)
+    monkeypatch.setattr(K, "generate_knowledge", lambda *a, **k: [""] + [f"note {i}" for i in range(1, dataset.item_num)])
+    items = K.item_source_texts(dataset, config)
+    texts = K.knowledge_texts(dataset, config)
+    assert texts[0] == "" and texts[1] == f"{items[1]}. note 1" and len(texts) == dataset.item_num
+    assert K.ground(items, [2, 3], ["x", " "]) == [f"{items[2]}. x", items[3]]  # no knowledge: the item text alone
+    assert K.ground(None, [2], ["x"]) == ["x"]
+    plain = tiny_config("SASRecSeRALM", tmp_path, knowledge_cache_dir=shared_knowledge)
+    assert K.knowledge_texts(dataset, plain)[1] == "note 1"
+
+
 def test_alignment_trains_the_text_encoder_jointly_and_keeps_the_aligned_texts(tmp_path, monkeypatch):
     """Paper 4.3: "the text encoder is jointly optimized with the ID-based model". In alignment the generator
     encodes s with the snapshot's encoder, Line 5 encodes the same s with the model's encoder (with gradients), and
@@ -384,6 +442,8 @@ def test_each_instance_is_scored_with_its_own_samples_only(tmp_path, shared_know
     config = tiny_config("SASRecSeRALM", tmp_path, knowledge_cache_dir=shared_knowledge)
     _, train, _, _ = tiny_data(config)
     model = tiny_model(config, train).eval()
+    with torch.no_grad():  # the project fusion starts at [I ; 0] (knowledge invisible): give the knowledge a weight
+        model.item_embedding.fusion.weight[:, model.item_embedding.embedding_dim:].normal_()
     batch = next(iter(train))
     items = select_history_items(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN], 1)
     a, b = next((r, s) for r in range(len(items)) for s in range(len(items)) if items[r] and items[s]

@@ -34,11 +34,12 @@ def forbid_llm_and_encoder(monkeypatch):
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """Per model: (config, train, test, model) on the tiny dataset, knowledge caches prefilled."""
+    """Per model: (config, train, test, model) on the tiny dataset, knowledge caches prefilled; the ``split``
+    fusion, whose candidates carry the knowledge (the default ``project`` has its own tests below)."""
     out = {}
     for name in MODELS:
         tmp = tmp_path_factory.mktemp(name)
-        config, dataset, train, valid, test = build(name, tmp)
+        config, dataset, train, valid, test = build(name, tmp, knowledge_concat="split")
         prefill_knowledge(config, dataset)
         torch.manual_seed(0)
         out[name] = (config, train, test, get_model(name)(config, train.dataset))
@@ -159,7 +160,7 @@ def test_trains_and_predicts_without_any_llm(built, name, monkeypatch, tmp_path)
 
 
 def test_rejects_bpr_and_bad_projection(tmp_path):
-    config, dataset, train, valid, test = build("SASRecSeRALM", tmp_path)
+    config, dataset, train, valid, test = build("SASRecSeRALM", tmp_path, knowledge_concat="split")
     prefill_knowledge(config, dataset)
     config["knowledge_proj_size"] = WIDTH
     with pytest.raises(ValueError, match="knowledge_proj_size"):
@@ -179,10 +180,12 @@ def test_train_text_encoder_updates_encoder_and_refreshes_vectors(tmp_path):
     cached = model.knowledge_vectors.clone()
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
-    loss = model.calculate_loss(first_batch(train))
-    loss.backward()
+    for _ in range(2):  # the fusion's knowledge columns start at 0: the encoder gets gradient from the 2nd step on
+        optimizer.zero_grad()
+        loss = model.calculate_loss(first_batch(train))
+        loss.backward()
+        optimizer.step()
     assert model.text_encoder.embeddings.word_embeddings.weight.grad.abs().sum() > 0
-    optimizer.step()
     model.eval()  # re-encodes every item with the updated encoder
     assert not torch.allclose(model.knowledge_vectors, cached)
     assert torch.all(model.knowledge_vectors[0] == 0)
@@ -230,3 +233,51 @@ def test_widen_keeps_the_base_id_width_and_appends_the_knowledge(name, tmp_path)
     assert torch.isfinite(loss) and emb.id_embedding.weight.grad is not None
     reloaded = get_model(name)(config, train.dataset)  # a rebuild from the same config: the same shapes
     reloaded.load_state_dict(model.state_dict())
+
+
+BASES = {"CaserSeRALM": "Caser", "SASRecSeRALM": "SASRec", "PAUPSeRALM": "PAUP", "LightSANsSeRALM": "LightSANs"}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_project_fusion_computes_exactly_the_base_model_at_initialisation(name, tmp_path):
+    """The default fusion cannot start below its base: built with the same seed, the variant's base weights are
+    the base model's, the fusion is [I ; 0], and every score (full sort, predict, CE loss) equals the base's."""
+    from recbole.utils import init_seed
+
+    config, dataset, train, _, test = build(name, tmp_path)
+    assert config["knowledge_concat"] == "project" and config["knowledge_candidates"] == "id"
+    prefill_knowledge(config, dataset)
+    base_config, _, base_train, _, _ = build(BASES[name], tmp_path)
+    init_seed(7, True)
+    variant = get_model(name)(config, train.dataset).eval()
+    init_seed(7, True)
+    base = get_model(BASES[name])(base_config, base_train.dataset).eval()
+    emb = variant.item_embedding
+    assert emb.id_embedding.embedding_dim == WIDTH and emb.weight is emb.id_embedding.weight  # full-width candidates
+    assert torch.equal(emb.id_embedding.weight, base.item_embedding.weight)
+    batch = first_batch(test)
+    assert torch.equal(variant.full_sort_predict(batch), base.full_sort_predict(batch))
+    train_batch = first_batch(train)
+    assert torch.equal(variant.calculate_loss(train_batch), base.calculate_loss(train_batch))
+    items = batch[variant.POS_ITEM_ID]
+    batch.update(type(batch)({variant.ITEM_ID: items}))
+    assert torch.allclose(variant.predict(batch), base.predict(batch), atol=1e-6)  # a gather of the full sort
+    # the knowledge reaches the inputs (and only them): a trained fusion changes the scores, candidates stay the IDs
+    with torch.no_grad():
+        emb.fusion.weight[:, WIDTH:].normal_()
+    assert not torch.allclose(variant.full_sort_predict(batch), base.full_sort_predict(batch))
+    assert torch.equal(emb.weight, base.item_embedding.weight)
+    assert torch.allclose(variant.predict(batch), variant.full_sort_predict(batch).gather(1, items[:, None]).squeeze(1),
+                          atol=1e-5)
+
+
+def test_project_fusion_can_score_fused_candidates_and_learns_its_knowledge_columns(tmp_path):
+    config, dataset, train, _, test = build("SASRecSeRALM", tmp_path, knowledge_candidates="fused")
+    prefill_knowledge(config, dataset)
+    model = get_model("SASRecSeRALM")(config, train.dataset)
+    emb = model.item_embedding
+    assert torch.equal(emb.weight[1:], emb.id_embedding.weight[1:])  # [I ; 0]: fused = ID at initialisation
+    model.train()
+    model.calculate_loss(first_batch(train)).backward()
+    assert emb.fusion.weight.grad[:, WIDTH:].abs().sum() > 0  # the knowledge columns get gradient from zero
+    assert emb.knowledge_projection.weight.grad is None or emb.knowledge_projection.weight.grad.abs().sum() == 0

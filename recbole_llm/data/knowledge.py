@@ -33,6 +33,7 @@ from recbole_llm.fileio import atomic_path, build_lock
 logger = logging.getLogger(__name__)
 
 KNOWLEDGE_SOURCES = ("llm", "item_text")
+GROUNDINGS = ("none", "joint")
 
 DEFAULTS = {
     "knowledge_source": "llm",
@@ -45,6 +46,7 @@ DEFAULTS = {
     "llm_num_layers": None,
     "encoder_path": None,
     "knowledge_cache_dir": None,
+    "knowledge_grounding": "none",
 }
 
 
@@ -407,15 +409,41 @@ def _encode_and_save(texts, config, encoder, path, progress):
     return vectors
 
 
+def grounding_prefixes(dataset, config):
+    """What ``knowledge_grounding`` puts before each item's knowledge text before encoding, by item id: the item's
+    own text (``joint``), or None (``none``, the paper: the knowledge alone)."""
+    mode = cfg(config, "knowledge_grounding")
+    if mode not in GROUNDINGS:
+        raise ValueError(f"knowledge_grounding={mode!r} is not supported; expected one of {GROUNDINGS}.")
+    return item_source_texts(dataset, config) if mode == "joint" else None
+
+
+def ground(prefixes, items, texts):
+    """``texts`` of ``items`` as the encoder reads them: "<item text>. <knowledge>" with grounding prefixes, the texts
+    themselves without (prefixes None)."""
+    if prefixes is None:
+        return list(texts)
+    return [f"{prefixes[i]}. {t}" if t.strip() else prefixes[i] for i, t in zip(items, texts)]
+
+
 def knowledge_texts(dataset, config, adapter_version="base"):
-    """Texts whose vectors feed the model, by item id: LLM knowledge, or the items' own text
-    (``knowledge_source: item_text``, a cheap baseline that needs no LLM)."""
+    """Texts whose vectors feed the model, by item id: LLM knowledge (grounded in the item's own text with
+    ``knowledge_grounding: joint``), or the items' own text (``knowledge_source: item_text``, a cheap baseline that
+    needs no LLM)."""
     source = cfg(config, "knowledge_source")
     if source not in KNOWLEDGE_SOURCES:
         raise ValueError(f"knowledge_source={source!r} is not supported; expected one of {KNOWLEDGE_SOURCES}.")
     if source == "item_text":
         return item_source_texts(dataset, config)
-    return generate_knowledge(dataset, config, adapter_version=adapter_version)
+    return grounded_texts(dataset, config, generate_knowledge(dataset, config, adapter_version=adapter_version))
+
+
+def grounded_texts(dataset, config, texts):
+    """Generated knowledge (list by item id, "" for padding) as the encoder reads it (see ``ground``)."""
+    prefixes = grounding_prefixes(dataset, config)
+    if prefixes is None:
+        return list(texts)
+    return [""] + ground(prefixes, range(1, len(texts)), texts[1:])
 
 
 def knowledge_matrix(dataset, config, adapter_version="base"):

@@ -32,6 +32,22 @@ def importance_weights(logp_rec_s, logp_rec_base, ratio_clip=None):
     return weights
 
 
+BASELINES = ("leave_one_out", "none")
+
+
+def subtract_baseline(weights, baseline="leave_one_out"):
+    """The policy-gradient weights with a baseline subtracted (a variance reduction that keeps the estimator
+    unbiased): ``leave_one_out`` subtracts from each w_b the mean of the other instances' weights (it does not
+    depend on s_b, so E[grad log p(s_b)] * baseline = 0); ``none`` leaves w as the paper writes it. A batch of one
+    has no other instance: its weight is kept."""
+    if baseline not in BASELINES:
+        raise ValueError(f"align_baseline must be one of {BASELINES}, got {baseline!r}.")
+    if baseline == "none" or weights.numel() < 2:
+        return weights
+    others = (weights.sum() - weights) / (weights.numel() - 1)
+    return weights - others
+
+
 def sequence_sums(token_logps):
     """log p(s_u|x) = sum of per-token log-probs, for each of the U texts -> [U]."""
     if len(token_logps) == 0:
@@ -68,10 +84,12 @@ def per_token_kl(token_logps, orig_token_logps, estimator="k2"):
     return torch.stack(out)
 
 
-def alignment_llm_loss(token_logps, orig_token_logps, weights, membership, alpha, kl_estimator="k2"):
+def alignment_llm_loss(token_logps, orig_token_logps, weights, membership, alpha, kl_estimator="k2",
+                       baseline="none"):
     """Loss whose gradient-descent step is the LLM update of Eq. 8; returns (loss, stats dict).
 
-    weights [B] (detached importance weights), membership [B, U] (float 0/1).
+    weights [B] (detached importance weights), membership [B, U] (float 0/1); ``baseline``: see
+    :func:`subtract_baseline`.
     The policy term is averaged over the B instances (the batch estimate of sum over D); the KL term is
     averaged over the U sampled texts.
     """
@@ -82,7 +100,8 @@ def alignment_llm_loss(token_logps, orig_token_logps, weights, membership, alpha
         raise ValueError(f"membership must be [B={weights.numel()}, U={seq_logp.numel()}], "
                          f"got {tuple(membership.shape)}.")
     instance_logp = membership @ seq_logp  # log p(s_b|x_b) per instance [B]
-    policy = -(weights * instance_logp).mean()
+    advantages = subtract_baseline(weights, baseline)
+    policy = -(advantages * instance_logp).mean()
     kl = per_token_kl(token_logps, orig_token_logps, kl_estimator)
     kl_term = kl.mean()
     loss = policy + alpha * kl_term
@@ -95,6 +114,7 @@ def alignment_llm_loss(token_logps, orig_token_logps, weights, membership, alpha
         "kl_penalty": float(kl_term.detach()),
         "weight_mean": float(weights.mean()),
         "weight_max": float(weights.max()),
+        "advantage_std": float(advantages.std()) if advantages.numel() > 1 else 0.0,
         "logp_s_mean": float(seq_logp.detach().mean()),
     }
     return loss, stats

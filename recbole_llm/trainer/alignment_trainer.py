@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 
 from recbole_llm.checkpoint import atomic_torch_save, load_checkpoint
 from recbole_llm.config import config_get
+from recbole_llm.errors import ConfigError
 from recbole_llm.faults import kill_point
 from recbole_llm.fileio import atomic_path
 from recbole_llm.trainer.alignment_loss import alignment_llm_loss, importance_weights
@@ -178,6 +179,7 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
         ratio_clip = config_get(config, "align_ratio_clip")
         self.ratio_clip = None if ratio_clip is None else float(ratio_clip)
         self.kl_estimator = config_get(config, "kl_estimator", "k2")
+        self.baseline = config["align_baseline"] or "none"
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}.")
         self.generator_mode = config_get(config, "generator_mode", "ray")  # the YAMLs' default
@@ -198,6 +200,9 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
     # ----------------------------------------------------------------------------------- fit
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         self._write_alignment_state = saved and self._is_main_rank()
+        fresh = self.start_epoch == 0 and self._alignment_resume is None and not self.aligned
+        if self.config["base_warm_start"] and fresh:
+            self.warm_start_from_base(train_data._dataset)
         if self.alignment and not self.aligned:
             self.align(train_data, show_progress=show_progress)
         result = super().fit(train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress,
@@ -205,6 +210,27 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
         if self._write_alignment_state:
             remove_alignment_state(self.alignment_state_file)  # finished: a rerun aligns again
         return result
+
+    def warm_start_from_base(self, dataset):
+        """``base_warm_start``: start the variant from the trained base (the cached frozen base of the alignment, the
+        same architecture and hyperparameters trained without knowledge). With the ``project`` fusion at [I ; 0] the
+        variant then computes exactly that trained base, and training goes on with the knowledge joined."""
+        embedding = self.model.item_embedding
+        if getattr(embedding, "concat", None) != "project":
+            raise ConfigError("base_warm_start: True needs knowledge_concat: project (the variant holds the base's "
+                              f"weights unchanged); got knowledge_concat: {self.config['knowledge_concat']!r}.")
+        base = load_frozen_base(self.config, dataset)
+        state = {("item_embedding.id_embedding.weight" if key == "item_embedding.weight" else key): value
+                 for key, value in base.state_dict().items()}
+        result = self.model.load_state_dict(state, strict=False)
+        own = ("item_embedding.fusion.", "item_embedding.knowledge_projection.", "item_embedding.knowledge_vectors",
+               "text_encoder.", "knowledge_text_store.")
+        missing = [k for k in result.missing_keys if not k.startswith(own)]
+        if missing or result.unexpected_keys:
+            raise ConfigError(f"base_warm_start: the trained {base_model_name(self.config)} does not fit "
+                              f"{self.config['model']} (missing {missing}, unexpected {result.unexpected_keys}).")
+        self.logger.info(set_color("SeRALM", "green") + f": started from the trained {base_model_name(self.config)} "
+                         "(base_warm_start); the knowledge fusion starts at [I ; 0]")
 
     def align(self, train_data, show_progress=False):
         """Phases A (warm-up), B (Algorithm 1) and C (regenerate + re-encode all knowledge)."""
@@ -236,7 +262,10 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
         return int(config_get(self.config, "alignment_epochs", 1)) * len(train_data)
 
     def make_generator(self, dataset, frozen_base):
+        from recbole_llm.data.knowledge import grounding_prefixes
+
         options = generator_options(self.config)
+        options["grounding"] = grounding_prefixes(dataset, self.config)
         prompts = item_prompts(dataset, self.config, self.tokenizer)
         encode = KnowledgeEncoder(self.config, device=self.device)
         if self.generator_mode == "ray":
@@ -371,7 +400,7 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
                                         pad_token_id=self.tokenizer.pad_token_id)
         weights = importance_weights(sample["logp_rec_s"], sample["logp_rec_base"], self.ratio_clip)
         llm_loss, stats = alignment_llm_loss(token_logps, sample["orig_token_logps"], weights,
-                                             sample["membership"], self.alpha, self.kl_estimator)
+                                             sample["membership"], self.alpha, self.kl_estimator, self.baseline)
         llm_optimizer.zero_grad()
         llm_loss.backward()
         llm_optimizer.step()
@@ -383,13 +412,14 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
 
     def regenerate_knowledge(self, dataset, show_progress=False):
         """Phase C: every item's knowledge from the aligned LLM, re-encoded; replaces the model's matrix."""
-        from recbole_llm.data.knowledge import encode_knowledge, generate_knowledge
+        from recbole_llm.data.knowledge import encode_knowledge, generate_knowledge, grounded_texts
 
         state = lora_state(self.llm)
         self.adapter_version = "lora-" + state_digest(state)
         self.llm.eval()
         texts = generate_knowledge(dataset, self.config, llm=self.llm, tokenizer=self.tokenizer,
                                    adapter_version=self.adapter_version, progress=show_progress)
+        texts = grounded_texts(dataset, self.config, texts)
         if getattr(self.model, "train_text_encoder", False):
             self.model.set_knowledge_texts(texts)  # encoded by the model's own, jointly trained encoder
         else:

@@ -244,7 +244,7 @@ class GeneratorCore:
         frozen_base: plain RecBole model pre-trained without knowledge (eval, no grad).
         encode: callable list[str] -> Tensor [n, d_text] (the text encoder).
         options: dict with history_items, max_new_tokens, temperature, top_p, repetition_penalty,
-            gen_batch_size, seed.
+            gen_batch_size, seed, and grounding (the prefixes of ``knowledge_grounding``, by item id, or None).
     """
 
     def __init__(self, llm, tokenizer, prompts, recommender, frozen_base, encode, options):
@@ -301,7 +301,9 @@ class GeneratorCore:
             orig = sequence_logprobs(self.llm, prompt_ids, gen_ids, batch_size=int(opts["gen_batch_size"]),
                                      pad_token_id=self.tokenizer.pad_token_id)
         self.llm.train(was_training)
-        texts = [g["text"] for g in gens]
+        from recbole_llm.data.knowledge import ground
+
+        texts = ground(opts.get("grounding"), unique, [g["text"] for g in gens])  # as the encoder reads them
         if getattr(rec, "train_text_encoder", False):
             vectors = rec.encode_knowledge_texts(texts).float()  # the snapshot's encoder, trained with the model
         else:

@@ -42,47 +42,82 @@ from recbole_llm.config import apply_plugin_defaults, config_get
 from recbole_llm.model.sequential_recommender.paup import PAUP
 from recbole_llm.validation import check_softmax_training
 
-KNOWLEDGE_CONCATS = ("split", "widen")  # see the module docstring
+KNOWLEDGE_CONCATS = ("project", "split", "widen")  # see the module docstring
+KNOWLEDGE_CANDIDATES = ("id", "fused")
 
 
 class KnowledgeItemEmbedding(nn.Module):
-    """Drop-in for ``nn.Embedding``: item vector = [ID embedding ; projected knowledge vector].
+    """Drop-in for the base model's ``nn.Embedding``: input vectors with the projected knowledge joined to the ID
+    embedding; ``weight`` is the table of candidate vectors the base model scores its output against.
 
-    ``forward(ids)`` embeds given items; ``weight`` is the full [n_items, embedding_dim] table. The padding
-    item (id 0) is all zeros, as with ``padding_idx=0``.
+    ``concat``:
+    - ``project``: [ID embedding ; Linear(knowledge)] -> Linear to the base width, that last map initialised to
+      [I ; 0], so at initialisation every vector is the ID embedding: the variant computes the base model. The ID
+      embedding is the base model's own module (its initialisation is kept). ``candidates``: ``id`` scores against
+      the ID embedding (the knowledge alters the input only), ``fused`` against the fused vectors.
+    - ``split``: [ID embedding (width - proj_size) ; Linear(knowledge) (proj_size)], inputs and candidates.
+    - ``widen``: as split with the ID embedding at the base width (the caller builds the base model wider).
+    The padding item (id 0) is the base model's padding row with ``project``, all zeros otherwise.
     """
 
-    def __init__(self, n_items, embedding_dim, knowledge_vectors, proj_size, dropout_prob):
+    def __init__(self, base_embedding, knowledge_vectors, proj_size, dropout_prob, concat="project",
+                 candidates="id"):
         super().__init__()
-        if not 0 < proj_size < embedding_dim:
+        n_items, width = base_embedding.num_embeddings, base_embedding.embedding_dim
+        if concat not in KNOWLEDGE_CONCATS:
+            raise ValueError(f"knowledge_concat must be one of {KNOWLEDGE_CONCATS}, got {concat!r}")
+        if concat != "project" and not 0 < proj_size < width:
             raise ValueError(f"knowledge_proj_size={proj_size} must be between 1 and the item embedding width - 1 "
-                             f"({embedding_dim - 1}) so that the ID embedding keeps some width.")
+                             f"({width - 1}) so that the ID embedding keeps some width.")
         if knowledge_vectors.dim() != 2 or knowledge_vectors.size(0) != n_items:
             raise ValueError(f"knowledge vectors must be [n_items={n_items}, d_text], got {tuple(knowledge_vectors.shape)}.")
+        self.concat = concat
+        self.candidates = candidates if concat == "project" else "fused"
         self.num_embeddings = n_items
-        self.embedding_dim = embedding_dim
-        self.id_embedding = nn.Embedding(n_items, embedding_dim - proj_size, padding_idx=0)
+        self.embedding_dim = width
+        if concat == "project":
+            self.id_embedding = base_embedding
+            self.fusion = nn.Linear(width + proj_size, width)
+        else:
+            self.id_embedding = nn.Embedding(n_items, width - proj_size, padding_idx=0)
+            self.fusion = None
         self.knowledge_projection = nn.Linear(knowledge_vectors.size(1), proj_size)
         self.knowledge_dropout = nn.Dropout(dropout_prob)
         self.register_buffer("knowledge_vectors", knowledge_vectors.detach().float().clone())
         self.override = None  # a [n_items, d_text] matrix used instead of the buffer for one call
+
+    def reset_fusion(self):
+        """The fusion map to [I ; 0] (exactly the ID embedding); called after the base model's weight init."""
+        if self.fusion is not None:
+            with torch.no_grad():
+                self.fusion.weight.zero_()
+                self.fusion.weight[:, :self.embedding_dim].copy_(torch.eye(self.embedding_dim))
+                self.fusion.bias.zero_()
 
     def knowledge_table(self):
         return self.knowledge_vectors if self.override is None else self.override
 
     def _combine(self, id_emb, knowledge, items):
         projected = self.knowledge_projection(self.knowledge_dropout(knowledge))
-        return torch.cat([id_emb, projected], dim=-1) * (items != 0).unsqueeze(-1).to(id_emb.dtype)
+        joined = torch.cat([id_emb, projected], dim=-1)
+        padding = (items == 0).unsqueeze(-1)
+        if self.fusion is not None:  # padding keeps the base model's own padding row, whatever its init made of it
+            return torch.where(padding, id_emb, self.fusion(joined))
+        return joined.masked_fill(padding, 0.0)
+
+    def fused_table(self):
+        items = torch.arange(self.num_embeddings, device=self.id_embedding.weight.device)
+        return self._combine(self.id_embedding.weight, self.knowledge_table(), items)
 
     def forward(self, items):
         # Projecting the whole table then indexing is cheaper than projecting every position of a batch
         # (n_items rows vs batch x length rows) and gives the same vectors.
-        return self.weight[items]
+        return self.fused_table()[items]
 
     @property
     def weight(self):
-        items = torch.arange(self.num_embeddings, device=self.id_embedding.weight.device)
-        return self._combine(self.id_embedding.weight, self.knowledge_table(), items)
+        """Candidate vectors [n_items, width] (what the base model's CE loss and full_sort_predict score)."""
+        return self.id_embedding.weight if self.candidates == "id" else self.fused_table()
 
 
 class KnowledgeTexts(nn.Module):
@@ -140,7 +175,8 @@ class SeRALMMixin:
     def __init__(self, config, dataset):
         apply_plugin_defaults(config, type(self).__name__)  # stock RecBole Config does not know the plugin YAML
         check_softmax_training(config, type(self).__name__)  # always CE, whatever loss_type says (checked below)
-        if config_get(config, "knowledge_concat", "split") == "widen":
+        concat = config["knowledge_concat"]
+        if concat == "widen":
             # Build the base model wider for this call only: the config (logged, saved, read by the frozen base
             # of the alignment) keeps the width the user gave, and a reload widens again from it.
             width = int(config[self.width_key])
@@ -156,10 +192,17 @@ class SeRALMMixin:
                              f"got loss_type={self.loss_type!r}.")
         vectors = self._initial_knowledge(config, dataset)
         base = self.item_embedding
-        self.item_embedding = KnowledgeItemEmbedding(
-            self.n_items, base.embedding_dim, vectors, int(config["knowledge_proj_size"]),
-            float(config["knowledge_dropout"] or 0.0))
-        self.item_embedding.apply(self._init_weights)
+        knowledge_embedding = KnowledgeItemEmbedding(
+            base, vectors, int(config["knowledge_proj_size"]), float(config["knowledge_dropout"] or 0.0),
+            concat=concat, candidates=config["knowledge_candidates"])
+        # The new parts take the base model's init; the base's own ID embedding (project) keeps its weights.
+        for module in (knowledge_embedding.knowledge_projection, knowledge_embedding.fusion):
+            if module is not None:
+                module.apply(self._init_weights)
+        if concat != "project":
+            knowledge_embedding.id_embedding.apply(self._init_weights)
+        knowledge_embedding.reset_fusion()
+        self.item_embedding = knowledge_embedding
         self.train_text_encoder = bool(config["train_text_encoder"])
         if self.train_text_encoder:
             self._setup_text_encoder(config, dataset)
@@ -227,6 +270,14 @@ class SeRALMMixin:
             table = self.fresh_knowledge_table(interaction)
         with self._knowledge(table):
             return super().calculate_loss(interaction)
+
+    def predict(self, interaction):
+        if self.item_embedding.candidates == "fused":
+            return super().predict(interaction)
+        # The base models embed the scored items with item_embedding(ids), which gives fused input vectors: score
+        # them as full_sort_predict does, against the candidate (ID) rows.
+        items = interaction[self.ITEM_ID].long().unsqueeze(1)
+        return self.full_sort_predict(interaction).gather(1, items).squeeze(1)
 
     def target_log_prob(self, interaction, knowledge_override=None):
         """log p(y | x, s) [B] of each row's target item under the softmax over all items (as the CE loss)."""
