@@ -190,3 +190,15 @@ def test_default_geometry_fits_the_bundled_dataset_yamls(model, dataset):
 
     config = Config(model=model, dataset=dataset, config_file_list=[dataset_yaml(dataset)], cmd_args=[])
     segment_geometry(config["MAX_ITEM_LIST_LENGTH"], config["kernel_size"], config["seg_num"])  # raises if not
+
+
+def test_positional_scores_are_scaled_as_the_reference_code_unless_asked(tmp_path):
+    """Reference code: queries * (2 d)^-1/2, then scores / sqrt(d); ``single`` keeps only the first factor."""
+    from recbole_llm.model.sequential_recommender.paup import ProgressiveUnsymmetricalAttention
+
+    args = (2, 16, 10, 2, 5, 4, 0.0, 0.0, 1e-12)
+    official = ProgressiveUnsymmetricalAttention(*args)
+    single = ProgressiveUnsymmetricalAttention(*args, pos_score_scaling="single")
+    d = 8
+    assert official.pos_scaling == pytest.approx((2 * d) ** -0.5 * d ** -0.5)
+    assert single.pos_scaling == pytest.approx((2 * d) ** -0.5)

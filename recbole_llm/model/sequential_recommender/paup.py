@@ -39,8 +39,16 @@ Choices where the paper/code is silent, or where we differ from the reference co
   pooling and padded positions are masked out of the positional attention, so they never reach a real
   position (with right padding causality alone would already exclude them).
 * Softmax over keys (the paper's code normalises over queries, ``dim=-2``; over keys is the usual attention
-  and keeps the causal reading above); one scaling 1/sqrt(2 * head size) for positional scores (two score
-  sources summed).
+  and keeps the causal reading above).
+* Positional scores: ``pos_score_scaling: official`` (default) scales them as the reference code does, by
+  (2 d)^-1/2 on the queries and d^-1/2 again on the scores (d = head size); ``single`` keeps only (2 d)^-1/2,
+  sqrt(d) times sharper (5.7x at d = 32).
+* Padding of the last block: the reference code pads the second convolution's input symmetrically
+  (ceil((k2 * m - n1) / 2) blocks on each side), which shifts the segment boundaries off the block grid; we pad
+  at the end only, so segment j starts at block j * k2 and the causal per-position segment above stays a running
+  sum inside aligned blocks. The segments are the same when k2 * m = n1 (no padding), as at the paper's n=50,
+  k1=10, m=5 grid of the reference code's defaults; they differ by where the empty blocks sit otherwise.
+* Dropout: 0.2 on hidden states and attention, the reference code's PAUP.yaml.
 """
 
 import math
@@ -56,6 +64,9 @@ from torch import nn
 from recbole_llm.config import apply_plugin_defaults
 from recbole_llm.errors import ConfigError
 from recbole_llm.validation import check_softmax_training
+
+
+POS_SCORE_SCALINGS = ("official", "single")
 
 
 def segment_geometry(max_seq_length, kernel_size, seg_num):
@@ -138,7 +149,7 @@ class ProgressiveUnsymmetricalAttention(nn.Module):
     """Multi-head attention: pooled-segment item branch + positional branch over un-pooled values (summed)."""
 
     def __init__(self, n_heads, hidden_size, max_seq_length, seg_num, kernel_size, channel_reduction,
-                 hidden_dropout_prob, attn_dropout_prob, layer_norm_eps):
+                 hidden_dropout_prob, attn_dropout_prob, layer_norm_eps, pos_score_scaling="official"):
         super().__init__()
         if hidden_size % n_heads != 0:
             raise ValueError(f"PAUP: hidden_size ({hidden_size}) must be a multiple of n_heads ({n_heads}).")
@@ -154,7 +165,10 @@ class ProgressiveUnsymmetricalAttention(nn.Module):
         self.pos_ln = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
         self.pos_query = nn.Linear(hidden_size, hidden_size)
         self.pos_key = nn.Linear(hidden_size, hidden_size)
+        # official: the reference code scales the positional queries by (2 d)^-1/2 and the scores again by d^-1/2
         self.pos_scaling = (2.0 * self.head_size) ** -0.5
+        if pos_score_scaling == "official":
+            self.pos_scaling *= self.head_size ** -0.5
 
         self.attn_dropout = nn.Dropout(attn_dropout_prob)
         self.dense = nn.Linear(hidden_size, hidden_size)
@@ -203,11 +217,11 @@ class PAUPLayer(nn.Module):
     """Post-LN block: progressive attention -> add & norm -> feed-forward -> add & norm."""
 
     def __init__(self, n_heads, hidden_size, inner_size, max_seq_length, seg_num, kernel_size, channel_reduction,
-                 hidden_dropout_prob, attn_dropout_prob, hidden_act, layer_norm_eps):
+                 hidden_dropout_prob, attn_dropout_prob, hidden_act, layer_norm_eps, pos_score_scaling="official"):
         super().__init__()
         self.attention = ProgressiveUnsymmetricalAttention(
             n_heads, hidden_size, max_seq_length, seg_num, kernel_size, channel_reduction,
-            hidden_dropout_prob, attn_dropout_prob, layer_norm_eps,
+            hidden_dropout_prob, attn_dropout_prob, layer_norm_eps, pos_score_scaling,
         )
         self.feed_forward = FeedForward(hidden_size, inner_size, hidden_dropout_prob, hidden_act, layer_norm_eps)
 
@@ -256,7 +270,7 @@ class PAUP(SequentialRecommender):
         self.layers = nn.ModuleList(
             PAUPLayer(self.n_heads, self.hidden_size, self.inner_size, self.max_seq_length, self.seg_num,
                       self.kernel_size, self.channel_reduction, self.hidden_dropout_prob,
-                      self.attn_dropout_prob, self.hidden_act, self.layer_norm_eps)
+                      self.attn_dropout_prob, self.hidden_act, self.layer_norm_eps, config["pos_score_scaling"])
             for _ in range(self.n_layers)
         )
         self.LayerNorm = nn.LayerNorm(self.hidden_size, eps=self.layer_norm_eps)
