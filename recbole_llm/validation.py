@@ -20,6 +20,7 @@ PLUGIN_KEYS = {
     "resume_checkpoint", "resume", "allow_unknown_keys", "world_size", "ip", "port", "nproc", "offset", "local_rank",
     "model", "dataset", "config_files", "profile",
     "train_data_ratio",  # recbole_llm.data.preparation: train on a fixed fraction of the training data
+    "valid_users",  # recbole_llm.data.preparation: validate during training on a fixed subset of users
     # keys RecBole derives itself but also accepts from the user
     "device", "single_spec", "MODEL_TYPE", "MODEL_INPUT_TYPE", "eval_type", "valid_neg_sample_args",
     "test_neg_sample_args", "eval_neg_sample_args",
@@ -64,6 +65,8 @@ RANGES = {
     "stage2_epochs": NON_NEGATIVE,
     "train_samples_per_epoch": POSITIVE_INT,
     "train_data_ratio": FRACTION,
+    "valid_users": POSITIVE_INT,
+    "sampled_negatives": NON_NEGATIVE,
     "seg_num": POSITIVE_INT,
     "kernel_size": POSITIVE_INT,
     "learning_rate": POSITIVE,
@@ -78,7 +81,9 @@ def choices():
     the models check their own keys again for configs built elsewhere (stock RecBole)."""
     from recbole_llm.data.knowledge import GROUNDINGS, KNOWLEDGE_SOURCES
     from recbole_llm.model.frozen_sr import SUPPORTED_SR
-    from recbole_llm.model.sequential_recommender.laser import NO_MFORMER_PREFIXES, POOLINGS, SUFFIX_INITS, TEMPLATES
+    from recbole_llm.model.sequential_recommender.laser import (NO_MFORMER_PREFIXES, POOLINGS, PREFIX_INITS,
+                                                          SCORE_CENTERINGS, SR_ITEM_STATES, SR_USER_STATES,
+                                                          SUFFIX_INITS, TEMPLATES)
     from recbole_llm.model.sequential_recommender.mformer import ROUTER_GRADIENTS
     from recbole_llm.model.sequential_recommender.paup import POS_SCORE_SCALINGS
     from recbole_llm.model.sequential_recommender.seralm import KNOWLEDGE_CANDIDATES, KNOWLEDGE_CONCATS
@@ -90,6 +95,10 @@ def choices():
         "template": tuple(TEMPLATES),
         "suffix_init": SUFFIX_INITS,
         "no_mformer_prefix": NO_MFORMER_PREFIXES,
+        "score_centering": SCORE_CENTERINGS,
+        "sr_user_state": SR_USER_STATES,
+        "sr_item_state": SR_ITEM_STATES,
+        "prefix_init": PREFIX_INITS,
         "router_gradient": ROUTER_GRADIENTS,
         "pos_score_scaling": POS_SCORE_SCALINGS,
         "frozen_sr_model": SUPPORTED_SR,
