@@ -9,6 +9,7 @@ Extra --key=value flags are fixed config values for every trial.
 
 import argparse
 
+from recbole_llm.data.locate import PROFILES
 from recbole_llm.errors import UserInputError
 from recbole_llm.hyper import read_hyper_file, run_hyperopt, run_ray
 
@@ -41,7 +42,7 @@ def main(argv=None):
     parser.add_argument("--dataset", default=None, help="dataset name (or 'dataset:' in a config file)")
     parser.add_argument("--params_file", required=True, help="RecBole hyper-parameter file")
     parser.add_argument("--config_files", default=None, help="space-separated fixed config files")
-    parser.add_argument("--profile", default="auto", choices=["auto", "cpu", "paper", "none"])
+    parser.add_argument("--profile", default="auto", choices=PROFILES)
     parser.add_argument("--tool", default="hyperopt", type=str.lower, choices=["hyperopt", "ray"],
                         help="hyperopt or ray (any case, as RecBole's Hyperopt/Ray)")
     parser.add_argument("--algo", default="exhaustive", choices=["exhaustive", "random", "bayes"],

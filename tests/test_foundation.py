@@ -185,6 +185,16 @@ def test_dataset_yaml_keeps_pairwise_sampling_for_bpr(model, sampled):
         assert args is None or args.get("distribution") == "none"
 
 
+def test_cpu_long_profile_is_the_cpu_profile_then_its_differences():
+    from recbole_llm.data.locate import default_config_files
+
+    files = default_config_files("Laser", "amazon-scientific", "cpu-long")
+    assert [os.path.basename(f) for f in files] == ["amazon-scientific.yaml", "Laser-cpu.yaml", "Laser-cpu-long.yaml"]
+    # a model without a long profile gets its cpu profile only
+    files = default_config_files("SASRecSeRALM", "amazon-scientific", "cpu-long")
+    assert [os.path.basename(f) for f in files] == ["amazon-scientific.yaml", "SASRecSeRALM-cpu.yaml"]
+
+
 def _save_tagged_cuda(obj, path, monkeypatch):
     """torch.save as on a GPU machine: every storage is tagged cuda:0 (no GPU needed to write it)."""
     import torch.serialization

@@ -35,6 +35,15 @@ def profile_yaml(model, profile):
                            os.path.join(REPO_DIR, "properties", "model", name))
 
 
+PROFILES = ("auto", "cpu", "cpu-long", "paper", "none")
+
+
+def profile_chain(profile):
+    """The profile YAML names a profile loads, in order: ``cpu-long`` is ``cpu`` then the ``cpu-long`` differences."""
+    parts = profile.split("-")
+    return ["-".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
 def resolve_profile(profile):
     if profile == "auto":
         import torch
@@ -52,9 +61,10 @@ def default_config_files(model, dataset, profile="none"):
             files.append(path)
     profile = resolve_profile(profile)
     if model and profile not in ("none", "paper"):
-        path = profile_yaml(model, profile)
-        if path:
-            files.append(path)
+        for name in profile_chain(profile):
+            path = profile_yaml(model, name)
+            if path:
+                files.append(path)
     return files
 
 
