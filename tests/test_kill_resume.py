@@ -138,7 +138,7 @@ def test_killed_during_a_checkpoint_write_never_reads_the_partial_file(tmp_path,
 def test_laser_killed_during_item_refresh_resumes(tmp_path_factory):
     reference, _ = laser_run(tmp_path_factory.mktemp("laser_ref"))()
     run = laser_run(tmp_path_factory.mktemp("laser_killed"))
-    run(kill_at="item_refresh_batch:2")  # the refresh at the start of epoch 1
+    run(kill_at="item_refresh_batch:3")  # refreshes: epoch 0 start, epoch 0 validation, epoch 1 validation (killed)
     result, output = run("--resume=True")
     assert "Resuming the interrupted run from the start of epoch 1" in output
     assert result == reference

@@ -138,6 +138,19 @@ def test_frozen_bert4rec_training_survives_a_batch_without_masked_items(built):
     assert all(p.grad is None or not p.grad.isnan().any() for p in guarded.parameters())
 
 
+def test_cut_item_texts_stay_apart_unless_their_full_texts_are_equal():
+    from recbole_llm.model.sequential_recommender.laser import truncate_keeping_apart
+
+    texts = [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 9], [1, 2, 3, 4, 5, 6], [7, 8, 9], [1, 2], [1, 2, 3, 4, 5, 6, 7]]
+    cut = truncate_keeping_apart(texts, 2, step=1)
+    assert cut[3] == [7, 8] and cut[4] == [1, 2]  # unique at the cap: cut there
+    assert cut[0] == cut[2] == [1, 2, 3, 4, 5, 6]  # equal full texts stay equal (whole, since 5 shares their start)
+    assert cut[1] == [1, 2, 3, 4, 9] and cut[5] == [1, 2, 3, 4, 5, 6, 7]
+    distinct_full = {tuple(t) for t in texts}
+    assert len({tuple(t) for t in cut}) == len(distinct_full)
+    assert truncate_keeping_apart(texts, 100) == texts
+
+
 def test_text_template_pieces(built):
     _, model, _, _, _ = built
     seq, length = torch.tensor([[3, 5, 0, 0, 0]]), torch.tensor([2])
@@ -310,7 +323,9 @@ def test_two_stage_fit_checkpoint_and_resume(root):
 
     trainer._valid_epoch = remember
     trainer.fit(train_data, valid_data, saved=True)
-    assert [r for r in refreshes if r[1]] == [(1, True), (1, True)]  # once per stage-1 epoch, none in stage 2
+    # stage 1: the first epoch's start, then before each validation (the next epoch starts from that matrix); none in
+    # stage 2, whose matrix is the best stage-1 epoch's
+    assert [r for r in refreshes if r[1]] == [(1, True)] * 3
     assert model.training_stage == 2
     assert any(torch.equal(model.item_matrix, m) for m in stage1_matrices)  # stage 2 uses a stage-1 matrix
 
@@ -334,6 +349,32 @@ def test_two_stage_fit_checkpoint_and_resume(root):
     resumed = LaserTrainer(config, fresh)
     resumed.resume_checkpoint(trainer.saved_model_file)
     assert fresh.training_stage == 2 and resumed.start_epoch == checkpoint["epoch"] + 1
+
+
+@pytest.mark.parametrize("stages", [(2, 0), (1, 2), (0, 2)], ids=["stage1", "stage2", "no_stage1"])
+def test_a_checkpoints_item_matrix_is_the_one_its_own_weights_make(root, stages):
+    """Validation, test and a reloaded checkpoint score against the matrix of the weights being scored: after stage 1
+    the epoch's own weights, in stage 2 the frozen item side that made the fixed matrix (saved with it)."""
+    from recbole_llm.trainer.laser_trainer import LaserTrainer
+
+    stage1, stage2 = stages
+    overrides = dict(stage1_epochs=max(stage1, 1), stage2_epochs=max(stage2, 1), skip_stage1=stage1 == 0,
+                     skip_stage2=stage2 == 0, train_samples_per_epoch=16, learning_rate=0.05)
+    config, model, train_data, valid_data, _ = H.build(root, **overrides)
+    trainer = LaserTrainer(config, model)
+    trainer.fit(train_data, valid_data, saved=True)
+    checkpoint = torch.load(trainer.saved_model_file, weights_only=True)
+    assert checkpoint["other_parameter"]["training_stage"] == (2 if stage2 else 1)
+    assert any(k.startswith("item_tower.") for k in checkpoint["state_dict"]) == bool(stage2)
+    _, fresh, _, _, _ = H.build(root, **overrides)
+    fresh.load_state_dict(checkpoint["state_dict"])
+    fresh.load_other_parameter(checkpoint["other_parameter"])
+    saved = fresh.item_matrix.clone()
+    fresh.refresh_item_matrix(force=True, show_progress=False)
+    assert torch.allclose(fresh.item_matrix, saved, atol=1e-5)
+    if stage2:  # the user side moved on: its own suffix no longer makes the matrix
+        assert not torch.equal(fresh.suffix, fresh.item_tower.suffix)
+        assert not any(p.requires_grad for p in fresh.item_tower.parameters())
 
 
 def test_resume_from_stage1_checkpoint_moves_on_to_stage2(root):
@@ -419,20 +460,26 @@ def test_bad_keys_give_clear_errors(root):
         H.build(root, frozen_sr_model="GRU4Rec")
 
 
-def test_epochs_is_what_the_two_stages_run_and_another_value_is_refused(root):
+def test_epochs_is_what_the_two_stages_run_and_an_explicit_value_is_split_over_them(root):
     from recbole_llm.config import Config
     from recbole_llm.errors import ConfigError
+    from recbole_llm.model.sequential_recommender.laser import split_epochs
 
-    def epochs(**overrides):
+    def settled(**overrides):
         config_dict = H.tiny_config_dict(root, stage1_epochs=3, stage2_epochs=2, **overrides)
-        return Config(model="Laser", dataset="tiny-laser", config_dict=config_dict, cmd_args=[])["epochs"]
+        config = Config(model="Laser", dataset="tiny-laser", config_dict=config_dict, cmd_args=[])
+        return config["epochs"], config["stage1_epochs"], config["stage2_epochs"]
 
-    assert epochs() == 5  # the YAML's 20 would have been printed in the config dump while 5 ran
-    assert epochs(skip_stage1=True) == 2 and epochs(skip_stage2=True) == 3
-    assert epochs(epochs=5) == 5
-    with pytest.raises(ConfigError, match=r"epochs=7 does not apply to Laser: it trains stage1_epochs \(3\) \+ "
-                                          r"stage2_epochs \(2\) = 5 epochs"):
-        epochs(epochs=7)
+    assert settled() == (5, 3, 2)  # the YAML's 20 would have been printed in the config dump while 5 ran
+    assert settled(skip_stage1=True)[0] == 2 and settled(skip_stage2=True)[0] == 3
+    assert settled(epochs=5) == (5, 3, 2)
+    assert settled(epochs=1) == (1, 1, 0)  # RecBole's harness passes epochs: 1 to every model
+    assert settled(epochs=7) == (7, 5, 2) and settled(epochs=10) == (10, 6, 4)
+    assert settled(epochs=4, skip_stage1=True)[0] == 4 and settled(epochs=4, skip_stage2=True)[:2] == (4, 4)
+    assert split_epochs(1, 15, 5) == (1, 0) and split_epochs(4, 15, 5) == (3, 1) and split_epochs(40, 15, 5) == (30, 10)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ConfigError, match="cannot be split over Laser's two stages"):
+            settled(epochs=bad)
 
 
 def test_train_samples_per_epoch_bounds_the_steps(built):

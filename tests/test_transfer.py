@@ -54,6 +54,23 @@ def test_train_data_ratio_keeps_a_fixed_fraction_of_the_training_instances(root)
             _prepared(root, "tiny-a", train_data_ratio=bad)
 
 
+def test_valid_users_validates_on_a_fixed_subset_and_the_test_keeps_every_user(root):
+    from recbole_llm.errors import ConfigError
+
+    _, (_, full_valid, full_test) = _prepared(root, "tiny-v")
+    _, (_, valid, test) = _prepared(root, "tiny-v", valid_users=5)
+    _, (_, again, _) = _prepared(root, "tiny-v", valid_users=5)
+    users = valid.dataset.inter_feat["user_id"]
+    assert len(valid.dataset) == 5 < len(full_valid.dataset) and len(test.dataset) == len(full_test.dataset)
+    assert torch.equal(users, again.dataset.inter_feat["user_id"]) and len(set(users.tolist())) == 5
+    assert set(users.tolist()) <= set(full_valid.dataset.inter_feat["user_id"].tolist())
+    assert sum(len(batch[0]) for batch in valid) == 5  # the full-sort loader serves the subset, nothing else
+    _, (_, everyone, _) = _prepared(root, "tiny-v", valid_users=10 ** 6)
+    assert len(everyone.dataset) == len(full_valid.dataset)
+    with pytest.raises(ConfigError, match="valid_users"):
+        _prepared(root, "tiny-v", valid_users=0)
+
+
 def test_the_frozen_sr_trains_on_the_same_fraction_and_is_cached_apart(root):
     from recbole_llm.config import Config
     from recbole_llm.model.frozen_sr import sr_config_dict
@@ -104,6 +121,9 @@ def test_init_checkpoint_moves_laser_to_another_dataset_zero_shot_and_low_resour
     biased_state = dict(source_state, **{"prefix_module.router.bias": torch.zeros(source.prefix_module.n_experts)})
     with pytest.raises(RuntimeError, match="has an M-Former router bias .* set router_bias: True"):  # an older run's
         target.load_state_dict(biased_state)
-    config, fresh, *_ = H.build(root, "tiny-target", stage1_epochs=0, stage2_epochs=0)
-    with pytest.raises(ValueError, match="zero-shot"):
-        LaserTrainer(config, fresh)
+    # No epochs and no init_checkpoint: the untrained model is evaluated (the benchmark's control row).
+    config, fresh, train, valid, _ = H.build(root, "tiny-target", stage1_epochs=0, stage2_epochs=0)
+    untrained = {k: v.clone() for k, v in fresh.state_dict().items()}
+    best, result = LaserTrainer(config, fresh).fit(train, valid, saved=False)
+    assert result and best == result["ndcg@10"]
+    assert all(torch.equal(v, untrained[k]) for k, v in fresh.state_dict().items() if not k.startswith("item_tower."))

@@ -192,7 +192,13 @@ class FrozenSR(nn.Module):
         return super().train(False)
 
     @torch.no_grad()
-    def forward(self, item_seq, item_seq_len):
+    def item_states(self, items):
+        """The SR's item embedding row of each item as a one-vector C [B, 1, d_i] and its mask."""
+        states = self.recommender.item_embedding(items).unsqueeze(1)
+        return states, torch.ones_like(items, dtype=torch.bool).unsqueeze(1)
+
+    @torch.no_grad()
+    def forward(self, item_seq, item_seq_len, predictive=False):
         """C_u [B, N, d_i] (states at every position) and the mask [B, N] of real (unpadded) items.
 
         RecBole sequences are right-padded: items at positions 0..len-1. For BERT4Rec C_u is what RecBole's
@@ -204,6 +210,9 @@ class FrozenSR(nn.Module):
         mask = positions.unsqueeze(0) < item_seq_len.unsqueeze(1)
         sr = self.recommender
         if isinstance(sr, _bert4rec_class()):
+            if predictive:  # the input BERT4Rec predicts from: [MASK] after the last item (oldest item dropped)
+                item_seq = sr.reconstruct_test_data(item_seq, item_seq_len)
+                mask = positions.unsqueeze(0) < item_seq_len.unsqueeze(1)
             states = sr.forward(item_seq)  # RecBole's BERT4Rec already returns every position
         else:
             states = _sasrec_all_positions(sr, item_seq)

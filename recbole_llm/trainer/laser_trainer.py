@@ -34,9 +34,10 @@ class LaserTrainer(SafeCheckpointMixin, Trainer):
     def __init__(self, config, model):
         super().__init__(config, model)
         self.stage1_epochs, self.stage2_epochs = stage_epochs(config)
-        if self.stage1_epochs + self.stage2_epochs <= 0 and not config["init_checkpoint"]:
-            raise ValueError("Laser needs at least one epoch: stage1_epochs/stage2_epochs are 0 or both stages skipped "
-                             "(no epochs at all is the zero-shot evaluation of an init_checkpoint)")
+        if self.stage1_epochs + self.stage2_epochs <= 0:
+            # no epochs: evaluate the weights as they are (an init_checkpoint's, or the untrained model as a control)
+            self.logger.info("Laser: no training epochs; evaluating the "
+                             + ("init_checkpoint's weights" if config["init_checkpoint"] else "untrained model"))
         self.epochs = self.stage1_epochs + self.stage2_epochs
         self.eval_step = max(1, min(config["eval_step"], self.epochs))
         self.samples_per_epoch = config["train_samples_per_epoch"]
@@ -100,8 +101,10 @@ class LaserTrainer(SafeCheckpointMixin, Trainer):
             state, other = self._stage1_best
             self.model.load_state_dict(state)
             self.model.load_other_parameter(other)  # the best epoch's matrix: kept as is, never recomputed
-        elif self.model.item_matrix is None:  # stage 1 skipped: one matrix from the initial weights
+        else:  # stage 1 skipped: one matrix from the current (initial or loaded) weights
             self.model.refresh_item_matrix(show_progress=self.config["show_progress"])
+        if self.model.item_tower is None:  # a loaded stage-2 state (resume, init_checkpoint) keeps its own
+            self.model.freeze_item_side()  # the weights that made the fixed matrix encode items from now on
         self.model.training_stage = 2
         self.cur_step = 0
         if self._stage1_best is None:
@@ -152,6 +155,8 @@ class LaserTrainer(SafeCheckpointMixin, Trainer):
         if saved and self.start_epoch >= self.epochs:
             self._save_checkpoint(-1)
         self.eval_collector.data_collect(train_data)
+        if self.start_epoch < self.stage1_epochs and self.model.training_stage == 1:
+            self.model.unfreeze_item_side()  # stage 1 trains one shared tower (an init_checkpoint's fixed one goes)
         if self.stage1_epochs == 0 or self.start_epoch >= self.stage1_epochs:
             if self.model.training_stage != 2:
                 self._enter_stage2(verbose, saved)
@@ -167,6 +172,8 @@ class LaserTrainer(SafeCheckpointMixin, Trainer):
             self._add_train_loss_to_tensorboard(epoch_idx, train_loss)
 
             if self.eval_step <= 0 or not valid_data:
+                if self.model.training_stage == 1:
+                    self.model.refresh_item_matrix(show_progress=show_progress)  # saved with its own weights' matrix
                 if saved:
                     self._save_checkpoint(epoch_idx, verbose=verbose)
                 if self.model.training_stage == 1:
@@ -175,6 +182,10 @@ class LaserTrainer(SafeCheckpointMixin, Trainer):
             if (epoch_idx + 1) % self.eval_step and epoch_idx + 1 != self.stage1_epochs:
                 continue
             valid_start = time()
+            if self.model.training_stage == 1 and self.model.refresh_item_matrix(show_progress=show_progress):
+                # validated (and saved, if best) with the matrix of the weights being validated; the next epoch
+                # starts from it
+                self.logger.info(f"epoch {epoch_idx}: item matrix recomputed with the epoch's weights for validation")
             valid_score, valid_result = self._valid_epoch(valid_data, show_progress=show_progress)
             self.best_valid_score, self.cur_step, stop_flag, update_flag = early_stopping(
                 valid_score, self.best_valid_score, self.cur_step,

@@ -11,6 +11,15 @@ Choices where the paper is silent:
   tokenising the full string, nothing else changes.
 - IIC scores h_u against the item matrix of the current epoch start (no grad), as the paper trains "on I";
   ``iic_positive_grad: True`` additionally re-encodes the positive item with grad (its logit replaced).
+  Every evaluation and checkpoint pairs weights with the matrix those weights make: stage 1 recomputes it for
+  validation; stage 2 (paper 3.3.2: the user side adapts "to the fixed embeddings") freezes a copy of the item
+  side (prefix module + suffix) with its matrix, saved as ``item_tower.*``.
+- ``sampled_negatives: n`` replaces IIC by a softmax over the batch's positives and n random items, all encoded
+  with grad (the released code's phase before its refresh stage). ``score_centering: item_mean`` takes the
+  cosine after subtracting the item matrix mean (the truncated LLM's embeddings are nearly parallel);
+  ``sr_user_state: predictive`` / ``sr_item_state: embedding`` / ``prefix_init`` give M-Former the SR's
+  predictive state, its item embeddings and a prefix on the scale of the LLM's tokens. All off by default (the
+  paper's setting); what each did on the CPU: ``benchmarks/results/rerun-2026-12-02/``.
 - The suffix is drawn at random (paper 4.1.2: "The other trainable modules are all randomly initialized"), from
   N(0, sigma^2) with sigma the std of the LLM's token embeddings, so it starts on the scale of a real token;
   ``suffix_init: eos`` starts it from the [EOS] embedding instead.
@@ -26,6 +35,7 @@ Choices where the paper is silent:
   them from ``llm_path`` and the SR checkpoint/cache.
 """
 
+import copy
 import logging
 import os
 
@@ -62,6 +72,10 @@ TEMPLATES = {
 SUFFIX_INITS = ("random", "eos")
 NO_MFORMER_PREFIXES = ("learned", "linear")
 POOLINGS = ("suffix", "mean", "eos")
+SCORE_CENTERINGS = ("none", "item_mean")
+SR_USER_STATES = ("positions", "predictive")
+SR_ITEM_STATES = ("history", "embedding")
+PREFIX_INITS = ("default", "token_scale", "zero")
 FROZEN_PREFIXES = ("llm.", "frozen_sr.")
 
 logger = logging.getLogger(__name__)
@@ -76,6 +90,39 @@ def leading_special_ids(tokenizer):
         if full[start:start + len(plain)] == plain:
             return list(full[:start])
     return []
+
+
+def truncate_keeping_apart(token_lists, max_tokens, step=4):
+    """Each token list cut to ``max_tokens``, except that lists whose cut would equal another's (and whose full texts
+    differ) keep ``step`` more tokens at a time until they differ or are whole: a cap short enough for a CPU budget
+    must not make different items the same text (they would tie in every ranking)."""
+    caps = [max_tokens] * len(token_lists)
+    while True:
+        groups = {}
+        for index, ids in enumerate(token_lists):
+            groups.setdefault(tuple(ids[:caps[index]]), []).append(index)
+        grown = False
+        for members in groups.values():
+            if len(members) < 2 or len({tuple(token_lists[i]) for i in members}) < 2:
+                continue  # alone, or the same full text: nothing tells them apart
+            for index in members:
+                if caps[index] < len(token_lists[index]):
+                    caps[index] += step
+                    grown = True
+        if not grown:
+            return [ids[:cap] for ids, cap in zip(token_lists, caps)]
+
+
+def split_epochs(epochs, stage1, stage2):
+    """(stage-1, stage-2) epochs for an explicit ``epochs`` total: stage 2 gets floor(epochs * stage2 / (stage1 +
+    stage2)), stage 1 the rest and at least one epoch when it runs at all (paper 15+5: epochs=1 gives 1+0, epochs=4
+    gives 3+1, epochs=40 gives 30+10); a skipped stage (0) gets none."""
+    if stage1 + stage2 == 0:
+        return 0, 0
+    second = int(epochs * stage2 / (stage1 + stage2))  # floor: the remainder goes to stage 1
+    if stage1 > 0 and epochs > 0 and second == epochs:
+        second = epochs - 1
+    return epochs - second, second
 
 
 def stage_epochs(config):
@@ -94,15 +141,23 @@ class Laser(SequentialRecommender):
 
     @classmethod
     def settle_config(cls, config):
-        """Set ``epochs`` to the epochs LaserTrainer runs (stage 1 + stage 2), so RecBole's config dump and tools
-        that read ``epochs`` tell the truth. The trainer counts the stages only, so a user's different ``epochs``
-        would be silently ignored: it is refused instead."""
-        stage1, stage2 = stage_epochs(config)
+        """Make ``epochs`` and the two stages agree. Without an explicit ``epochs`` it becomes stage1_epochs +
+        stage2_epochs (a skipped stage counts 0), the epochs LaserTrainer runs. An explicit ``epochs`` (RecBole's
+        model tests, run_hyper, users' scripts set it for every model) is split over the stages instead, see
+        :func:`split_epochs`, and the stage keys are set to the result; the config dump shows both."""
         asked = (getattr(config, "external_config_dict", None) or {}).get("epochs")
-        if asked is not None and int(asked) != stage1 + stage2:
-            raise ConfigError(f"epochs={asked} does not apply to Laser: it trains stage1_epochs ({stage1}) + "
-                              f"stage2_epochs ({stage2}) = {stage1 + stage2} epochs (a skipped stage counts 0). "
-                              "Set stage1_epochs / stage2_epochs instead, or leave epochs unset.")
+        if asked is not None and (isinstance(asked, bool) or not isinstance(asked, int) or asked < 0):
+            raise ConfigError(f"epochs={asked!r} cannot be split over Laser's two stages: expected an integer >= 0 "
+                              "(0 only evaluates an init_checkpoint).")
+        stage1, stage2 = stage_epochs(config)
+        if asked is not None and asked != stage1 + stage2:
+            stage1, stage2 = split_epochs(asked, stage1, stage2)
+            if not config["skip_stage1"]:
+                config["stage1_epochs"] = stage1
+            if not config["skip_stage2"]:
+                config["stage2_epochs"] = stage2
+            logger.info(f"Laser: epochs={asked} split over the stages as stage1_epochs={stage1}, "
+                        f"stage2_epochs={stage2} (in the ratio of the configured stages, stage 1 first)")
         config["epochs"] = stage1 + stage2
 
     def __init__(self, config, dataset):
@@ -116,7 +171,12 @@ class Laser(SequentialRecommender):
         self.use_prefix = config["use_prefix"]
         self.iic_positive_grad = config["iic_positive_grad"]
         self.encode_batch_size = config["encode_batch_size"]
-        check_choices(config, ("pooling", "template", "suffix_init", "no_mformer_prefix"))
+        self.score_centering = config["score_centering"] or "none"
+        self.sr_user_state = config["sr_user_state"] or "positions"
+        self.sr_item_state = config["sr_item_state"] or "history"
+        self.sampled_negatives = config["sampled_negatives"] or 0
+        check_choices(config, ("pooling", "template", "suffix_init", "no_mformer_prefix", "score_centering",
+                               "sr_user_state", "sr_item_state", "prefix_init"))
         if config["init_checkpoint"] and not os.path.isfile(config["init_checkpoint"]):  # before any slow set-up
             raise DataNotFoundError(f"init_checkpoint '{config['init_checkpoint']}' does not exist; expected a Laser "
                                     "checkpoint such as saved/Laser-<time>.pth.")
@@ -134,6 +194,8 @@ class Laser(SequentialRecommender):
         token_table = input_embeddings(self.llm).weight.detach()
         token_std = float(token_table.float().std())
         self.prefix_module = self._build_prefix_module(config, token_std) if self.use_prefix else None
+        if self.prefix_module is not None and isinstance(self.prefix_module, MFormer):
+            self.prefix_module.init_projection(config["prefix_init"] or "default", token_std)
         eos = self.tokenizer.eos_token_id
         self.register_buffer("eos_ids", torch.tensor([eos], dtype=torch.long), persistent=False)
         if self.pooling == "suffix":
@@ -146,11 +208,13 @@ class Laser(SequentialRecommender):
         self._tokenise_pieces(config, dataset)
 
         # item matrix of the current stage (rows L2-normalised; row 0 = padding), cached between refreshes
+        self.item_tower = None  # the frozen item side of stage 2 (see freeze_item_side)
         self.item_matrix = None
+        self.item_center = None
         self.item_matrix_version = -1
         self.param_version = 0  # bumped by the trainer after every optimizer step
         self.training_stage = 1
-        self.other_parameter_name = ["item_matrix", "item_matrix_version", "param_version", "training_stage"]
+        self.other_parameter_name = ["item_matrix", "item_center", "item_matrix_version", "param_version", "training_stage"]
         if config["init_checkpoint"]:
             self.load_trainable_weights(config["init_checkpoint"],
                                         trust=bool(config_get(config, "trust_pickled_checkpoint", False)))
@@ -189,7 +253,10 @@ class Laser(SequentialRecommender):
             raise ValueError(f"item_texts gave {len(texts)} texts for {self.n_items} items of '{config['dataset']}'")
         max_tokens = config["item_text_max_tokens"]
         encoded = self.tokenizer([" " + t for t in texts[1:]], add_special_tokens=False)["input_ids"]
-        self.item_text_ids = [[]] + [ids[:max_tokens] if max_tokens else ids for ids in encoded]
+        if max_tokens:
+            encoded = truncate_keeping_apart(encoded, max_tokens) if config["item_text_unique"] else \
+                [ids[:max_tokens] for ids in encoded]
+        self.item_text_ids = [[]] + encoded
 
     def _log_parameter_counts(self):
         total = sum(p.numel() for p in self.parameters())
@@ -203,6 +270,8 @@ class Laser(SequentialRecommender):
     def train(self, mode=True):
         super().train(mode)
         self.llm.eval()  # frozen: never in training mode
+        if self.item_tower is not None:
+            self.item_tower.eval()  # fixed: no dropout, as when it made the item matrix
         return self
 
     def state_dict(self, *args, **kwargs):
@@ -212,6 +281,12 @@ class Laser(SequentialRecommender):
         return state
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
+        # A stage-2 state carries the frozen item side that made its item matrix; other states have none.
+        if any(key.startswith("item_tower.") for key in state_dict):
+            if self.item_tower is None:
+                self.freeze_item_side()
+        else:
+            self.unfreeze_item_side()
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
         missing = [k for k in result.missing_keys if not k.startswith(FROZEN_PREFIXES)]
         if strict and (missing or result.unexpected_keys):
@@ -263,7 +338,7 @@ class Laser(SequentialRecommender):
     def item_token_ids(self, items):
         return [self.item_head_ids + self.marker_ids[0] + self.item_text_ids[i] for i in items.tolist()]
 
-    def _inputs_embeds(self, token_ids, prefix):
+    def _inputs_embeds(self, token_ids, prefix, suffix=None):
         """Left-padded inputs_embeds [B, T, d] = [P ; text ; s] per row, and the attention mask [B, T].
 
         Built with a fixed number of scatters whatever B is (not a cat/pad per row): on a GPU the small LLM's
@@ -271,7 +346,7 @@ class Laser(SequentialRecommender):
         """
         embed = input_embeddings(self.llm)
         if self.pooling == "suffix":
-            tail = self.suffix.to(self.llm_dtype)
+            tail = (self.suffix if suffix is None else suffix).to(self.llm_dtype)
         elif self.pooling == "eos":
             tail = embed(self.eos_ids)[0]
         else:
@@ -300,12 +375,15 @@ class Laser(SequentialRecommender):
         mask = (cols >= first).long().to(self.device)
         return embeds, mask
 
-    def encode(self, token_ids, collab, collab_mask):
-        """h [B, d_llm] (float32) for texts ``token_ids`` with collaborative states C [B, N, d_i]; and L_LB."""
+    def encode(self, token_ids, collab, collab_mask, tower=None):
+        """h [B, d_llm] (float32) for texts ``token_ids`` with collaborative states C [B, N, d_i]; and L_LB.
+        ``tower``: the frozen item side (its prefix module and suffix) instead of the trained ones."""
         prefix, lb_loss = None, torch.zeros((), device=self.device)
-        if self.prefix_module is not None:
-            prefix, lb_loss, _ = self.prefix_module(collab, collab_mask)
-        embeds, mask = self._inputs_embeds(token_ids, prefix)
+        prefix_module = self.prefix_module if tower is None else tower.prefix_module
+        if prefix_module is not None:
+            prefix, lb_loss, _ = prefix_module(collab, collab_mask)
+        suffix = None if tower is None else tower.suffix
+        embeds, mask = self._inputs_embeds(token_ids, prefix, suffix)
         if self.pooling == "mean":
             states = hidden_states_from_embeds(self.llm, embeds, mask).float()
             weights = mask.unsqueeze(-1).float()
@@ -314,14 +392,31 @@ class Laser(SequentialRecommender):
 
     def forward(self, item_seq, item_seq_len):
         """User embeddings h_u [B, d_llm] and L_LB."""
-        collab, collab_mask = self.frozen_sr(item_seq, item_seq_len)
+        collab, collab_mask = self.frozen_sr(item_seq, item_seq_len, predictive=self.sr_user_state == "predictive")
         return self.encode(self.user_token_ids(item_seq, item_seq_len), collab, collab_mask)
 
     def encode_items(self, items):
         """Item embeddings h_i [B, d_llm]: each item as a one-item history (its own one-item C too)."""
-        item_seq = items.unsqueeze(1)
-        collab, collab_mask = self.frozen_sr(item_seq, torch.ones_like(items))
-        return self.encode(self.item_token_ids(items), collab, collab_mask)[0]
+        if self.sr_item_state == "embedding":
+            collab, collab_mask = self.frozen_sr.item_states(items)
+        else:
+            collab, collab_mask = self.frozen_sr(items.unsqueeze(1), torch.ones_like(items))
+        return self.encode(self.item_token_ids(items), collab, collab_mask, tower=self.item_tower)[0]
+
+    def freeze_item_side(self):
+        """Fix the item side at the current weights (paper 3.3.2, stage 2: Laser trains on "to further adapt to the
+        fixed embeddings"): a frozen copy of the prefix module and the suffix encodes items from now on, so the
+        fixed item matrix stays the one these weights make while the user side trains on. Saved in the state_dict
+        (``item_tower.*``), so a checkpoint's matrix can always be recomputed from its own weights."""
+        tower = nn.Module()
+        tower.prefix_module = copy.deepcopy(self.prefix_module)
+        tower.suffix = nn.Parameter(self.suffix.detach().clone()) if self.pooling == "suffix" else None
+        tower.requires_grad_(False)
+        tower.eval()
+        self.item_tower = tower
+
+    def unfreeze_item_side(self):
+        self.item_tower = None
 
     @torch.no_grad()
     def refresh_item_matrix(self, force=False, show_progress=True):
@@ -337,8 +432,11 @@ class Laser(SequentialRecommender):
         for batch in tqdm(batches, desc=set_color("Item embeddings", "pink"), disable=not show_progress, ncols=100):
             kill_point("item_refresh_batch")
             index = torch.tensor(batch, dtype=torch.long, device=self.device)
-            matrix[index] = F.normalize(self.encode_items(index), dim=-1)
+            matrix[index] = self.encode_items(index)
+        center = matrix[1:].mean(0) if self.score_centering == "item_mean" else torch.zeros_like(matrix[0])
+        matrix[1:] = F.normalize(matrix[1:] - center, dim=-1)
         self.item_matrix = matrix
+        self.item_center = center
         self.item_matrix_version = self.param_version
         self.train(was_training)
         return True
@@ -349,16 +447,41 @@ class Laser(SequentialRecommender):
         return self.item_matrix
 
     # -------------------------------------------------------------------------------------- RecBole API
+    def sampled_loss(self, interaction):
+        """Both towers with gradient: each user against the batch's positives and ``sampled_negatives`` random
+        items shared by the batch, all encoded now (the released code's phase before the refresh stage)."""
+        item_seq = interaction[self.ITEM_SEQ]
+        item_seq_len = interaction[self.ITEM_SEQ_LEN]
+        pos_items = interaction[self.POS_ITEM_ID]
+        negatives = torch.randint(1, self.n_items, (max(self.sampled_negatives, 0),), device=self.device)
+        candidates = torch.cat([pos_items, negatives])
+        user, lb_loss = self.forward(item_seq, item_seq_len)
+        items = self.encode_items(candidates)
+        center = items.mean(0, keepdim=True).detach() if self.score_centering == "item_mean" else 0.0
+        user = F.normalize(user - center, dim=-1)
+        items = F.normalize(items - center, dim=-1)
+        logits = user @ items.t() / self.temperature
+        # a candidate equal to the row's positive (other than its own column) is not a negative
+        same = candidates.unsqueeze(0) == pos_items.unsqueeze(1)
+        own = torch.zeros_like(same)
+        own[torch.arange(len(pos_items)), torch.arange(len(pos_items))] = True
+        logits = logits.masked_fill(same & ~own, float("-inf"))
+        target = torch.arange(len(pos_items), device=self.device)
+        return F.cross_entropy(logits, target), self.lb_weight * lb_loss
+
     def calculate_loss(self, interaction):
+        if self.sampled_negatives:
+            return self.sampled_loss(interaction)
         item_seq = interaction[self.ITEM_SEQ]
         item_seq_len = interaction[self.ITEM_SEQ_LEN]
         pos_items = interaction[self.POS_ITEM_ID]
         item_matrix = self._require_item_matrix()
         user, lb_loss = self.forward(item_seq, item_seq_len)
-        logits = F.normalize(user, dim=-1) @ item_matrix.t() / self.temperature
+        user = self.score_vectors(user)
+        logits = user @ item_matrix.t() / self.temperature
         if self.iic_positive_grad:
-            positive = F.normalize(self.encode_items(pos_items), dim=-1)
-            fresh = (F.normalize(user, dim=-1) * positive).sum(-1) / self.temperature
+            positive = self.score_vectors(self.encode_items(pos_items))
+            fresh = (user * positive).sum(-1) / self.temperature
             logits = logits.scatter(1, pos_items.unsqueeze(1), fresh.unsqueeze(1))
         logits[:, 0] = float("-inf")  # padding is not an item
         iic_loss = F.cross_entropy(logits, pos_items)
@@ -369,16 +492,24 @@ class Laser(SequentialRecommender):
         for start in range(0, item_seq.size(0), self.encode_batch_size):
             end = start + self.encode_batch_size
             rows.append(self.forward(item_seq[start:end], item_seq_len[start:end])[0])
-        return F.normalize(torch.cat(rows), dim=-1)
+        return self.score_vectors(torch.cat(rows))
+
+    def score_vectors(self, embeddings):
+        """Unit vectors the cosine is taken between: h - mu (the item matrix mean) with score_centering, else h."""
+        if self.item_center is not None:
+            embeddings = embeddings - self.item_center
+        return F.normalize(embeddings, dim=-1)
 
     def predict(self, interaction):
+        matrix = self._require_item_matrix()
         user = self._user_embeddings_chunked(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
-        return (user * self._require_item_matrix()[interaction[self.ITEM_ID]]).sum(-1)
+        return (user * matrix[interaction[self.ITEM_ID]]).sum(-1)
 
     def full_sort_predict(self, interaction):
         """Cosine of each user with every item of the cached item matrix: [B, n_items]."""
+        matrix = self._require_item_matrix()
         user = self._user_embeddings_chunked(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
-        return user @ self._require_item_matrix().t()
+        return user @ matrix.t()
 
 
 def _require_native_backbone(llm, llm_path):

@@ -100,6 +100,17 @@ class MFormer(nn.Module):
         self.final_norm = nn.LayerNorm(hidden_size)
         self.projection = nn.Linear(hidden_size, llm_size)
 
+    def init_projection(self, how, token_std):
+        """default: PyTorch's Linear init; token_scale: prefix entries start with the std of the LLM's token
+        embeddings; zero: prefix starts at zero."""
+        if how == "default":
+            return
+        nn.init.zeros_(self.projection.bias)
+        if how == "zero":
+            nn.init.zeros_(self.projection.weight)
+        else:  # the final LayerNorm gives unit-variance inputs: std(out) = sqrt(d_m) * std(w)
+            nn.init.normal_(self.projection.weight, std=token_std / self.projection.in_features ** 0.5)
+
     def route(self, collab, collab_mask):
         """Chosen expert per user [B], its score r_j [B] and L_LB (scalar)."""
         probs, scores = masked_router_probs(self.router(collab), collab_mask)
