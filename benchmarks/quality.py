@@ -36,15 +36,19 @@ DATASETS = ("amazon-scientific", "ml-100k")
 
 # One training schedule for every ID-based model in CPU mode, RecBole baselines and SeRALM variants alike (it
 # overrides the SeRALM -cpu profiles' 4 epochs, which are sized for a cold run that also generates knowledge), so a
-# SeRALM variant and its base differ only by the knowledge.
-CPU_TRAIN = {"epochs": 10, "stopping_step": 2, "train_batch_size": 1024, "eval_batch_size": 4096,
+# SeRALM variant and its base differ only by the knowledge. Every run trains to early stopping: 3 validations without
+# a better NDCG@10 end it, long before the epoch cap, so its best epoch is never its last.
+CPU_TRAIN = {"epochs": 200, "stopping_step": 3, "train_batch_size": 1024, "eval_batch_size": 4096,
              "learning_rate": 0.002}
 # Aligned SeRALM on CPU: Algorithm 1 for 20 steps on the first 32 rows of each batch (every row costs one sampled
 # text from the full 30-layer SmolLM2, the CPU bottleneck), synchronous generator (a Ray actor would compete with
 # the trainer for the 2 cores), 16-token samples as long as the -cpu profile's greedy knowledge. The regeneration
 # of every item's knowledge with the aligned LLM follows (as long as the first generation).
+# Algorithm 1 as written within the steps that run: the synchronous generator samples with the current weights
+# (refresh_every: 1), knowledge is sampled for the 3 most recent history items of each instance.
 CPU_ALIGNED = {"alignment": True, "alignment_steps": 20, "align_batch_size": 32, "generator_mode": "sync",
-               "align_max_new_tokens": 16, "align_generation_batch_size": 32, "align_warmup_epochs": 1}
+               "align_max_new_tokens": 16, "align_generation_batch_size": 32, "align_warmup_epochs": 1,
+               "refresh_every": 1, "align_history_items": 3}
 # Quick mode (one pass through every code path of the selected models, minutes not hours).
 QUICK_TRAIN = {"epochs": 1, "train_batch_size": 1024, "eval_batch_size": 4096, "learning_rate": 0.002}
 QUICK_SERALM = {"knowledge_source": "item_text", "alignment": False}
@@ -62,10 +66,33 @@ class Variant:
     family: str                  # baseline | seralm | laser
     overrides: dict = field(default_factory=dict)
     base: str = None             # seralm: the base model's variant id
+    profile: str = None          # a profile other than the mode's (e.g. "cpu-long"); None = the mode's
+
+
+# Controls: each differs from the main variant named in its id in one switch (run only when asked for by --variants).
+SERALM_NA_CONTROLS = {
+    "split": ({"knowledge_concat": "split"}, "the ID embedding halved to make room (the former default)"),
+    "warm": ({"base_warm_start": True}, "started from the trained base"),
+    "grounded": ({"knowledge_grounding": "joint"}, "item text encoded with the knowledge"),
+    "itemtext": ({"knowledge_source": "item_text"}, "the item's own text instead of LLM knowledge"),
+}
+LASER_CONTROLS = {
+    "lr1e-3": ({"learning_rate": 0.001}, "learning rate 1e-3 (the former CPU profile's)"),
+    "centred": ({"score_centering": "item_mean"}, "cosine of embeddings centred by the item-matrix mean"),
+    "sampled": ({"sampled_negatives": 16}, "16 sampled negatives, items encoded with gradient"),
+    "collab_route": ({"sr_user_state": "predictive", "sr_item_state": "embedding", "prefix_init": "zero"},
+                     "BERT4Rec's predictive state and item embeddings, zero-initialised prefix"),
+    "allvalid": ({"valid_users": None}, "validation on every user, not a fixed 1,000"),
+}
+SERALM_ALIGNED_CONTROLS = {
+    "nobaseline": ({"align_baseline": "none"}, "no baseline in the weight"),
+    "refresh50": ({"refresh_every": 50}, "generator snapshot every 50 steps"),
+    "hist1": ({"align_history_items": 1}, "knowledge sampled for the last history item only"),
+}
 
 
 def variants(mode):
-    """Every variant of the benchmark for ``mode`` ("quick", "cpu" or "gpu"), cheapest first."""
+    """Every variant of the benchmark for ``mode`` ("quick", "cpu" or "gpu"), cheapest first; controls last."""
     quick, cpu = mode.startswith("quick"), mode == "cpu"
     train = QUICK_TRAIN if quick else (CPU_TRAIN if cpu else {})
     out = [Variant(name, name, name, "baseline", dict(train)) for name in BASELINES]
@@ -83,21 +110,29 @@ def variants(mode):
                            align_max_new_tokens=8, align_warmup_epochs=0, knowledge_max_new_tokens=8)
         out.append(Variant(f"{model}-aligned", f"{model} (aligned LLM)", model, "seralm", aligned, base))
     laser = dict(QUICK_LASER) if quick else {}
-    no_mformer = dict(laser, use_mformer=False)
-    laser_label, no_mformer_label = "Laser", "Laser w/o M-Former"
-    if mode != "gpu":
-        # The CPU and quick rows were measured with the suffix started from [EOS] and "w/o M-Former" as a linear
-        # projection of the SR's state: the defaults until 2026-11-30, pinned so those rows stay what they are.
-        # --gpu runs the YAML defaults (random suffix, learned prefix tokens, as the paper).
-        laser["suffix_init"] = "eos"
-        no_mformer = dict(laser, use_mformer=False, no_mformer_prefix="linear")
-        laser_label, no_mformer_label = "Laser (suffix from [EOS])", "Laser w/o M-Former (linear prefix)"
     out += [
-        Variant("Laser", laser_label, "Laser", "laser", dict(laser)),
-        Variant("Laser-no_mformer", no_mformer_label, "Laser", "laser", no_mformer),
+        Variant("Laser", "Laser", "Laser", "laser", dict(laser)),
+        Variant("Laser-untrained", "Laser untrained (0 epochs)", "Laser", "laser", dict(laser, epochs=0)),
+        Variant("Laser-no_mformer", "Laser w/o M-Former", "Laser", "laser", dict(laser, use_mformer=False)),
         Variant("Laser-no_prefix", "Laser w/o prefix", "Laser", "laser", dict(laser, use_prefix=False)),
         Variant("Laser-no_stage1", "Laser w/o stage 1", "Laser", "laser", dict(laser, skip_stage1=True)),
+        Variant("Laser-no_moe", "Laser w/o MoE", "Laser", "laser", dict(laser, use_moe=False)),
     ]
+    if cpu:
+        out.append(Variant("Laser-long", "Laser long (profile cpu-long)", "Laser", "laser", {}, profile="cpu-long"))
+    for suffix, (switch, what) in LASER_CONTROLS.items():
+        out.append(Variant(f"Laser-{suffix}", f"Laser, control: {what}", "Laser", "control", dict(laser, **switch)))
+    for base in SERALM_BASES:
+        model = f"{base}SeRALM"
+        main = {v.id: v for v in out}
+        for suffix, (switch, what) in SERALM_NA_CONTROLS.items():
+            na = main[f"{model}-NA"]
+            out.append(Variant(f"{model}-NA-{suffix}", f"{model} NA_LLM, control: {what}", model, "control",
+                               dict(na.overrides, **switch), base))
+        for suffix, (switch, what) in SERALM_ALIGNED_CONTROLS.items():
+            aligned = main[f"{model}-aligned"]
+            out.append(Variant(f"{model}-aligned-{suffix}", f"{model} aligned, control: {what}", model, "control",
+                               dict(aligned.overrides, **switch), base))
     return out
 
 
@@ -114,7 +149,8 @@ def select(all_variants, names, ids=None):
         unknown = [n for n in given if n not in allowed]
         if unknown:
             raise SystemExit(f"error: unknown {flag} {unknown}; choose from {sorted(allowed)}")
-    return [v for v in all_variants if v.id in names or v.model in names or v.id in ids]
+    return [v for v in all_variants
+            if v.id in names or v.id in ids or (v.model in names and v.family != "control")]
 
 
 def config_digest(config_dict):
@@ -128,18 +164,19 @@ def plan(args, mode):
     elif mode.startswith("quick"):
         chosen = [v for v in variants(mode) if v.id in QUICK_MODELS]
     else:
-        chosen = variants(mode)
+        chosen = [v for v in variants(mode) if v.family != "control"]
     extra = common.parse_overrides(args.set)
     runs = []
     for seed in args.seeds:
         for dataset in args.datasets:
             for variant in chosen:
                 config_dict = dict(variant.overrides, **extra, seed=seed, show_progress=False)
-                digest = config_digest({"model": variant.model, "dataset": dataset, "profile": args.profile,
+                profile = variant.profile or args.profile
+                digest = config_digest({"model": variant.model, "dataset": dataset, "profile": profile,
                                         **config_dict})
                 run_id = f"{dataset}|{variant.id}|seed={seed}|{digest}"
                 runs.append({"run_id": run_id, "dataset": dataset, "variant": variant, "seed": seed,
-                             "config_dict": config_dict})
+                             "config_dict": config_dict, "profile": profile})
     return runs
 
 
@@ -172,6 +209,7 @@ def child_main(spec_path):
         "test": {k: float(v) for k, v in result["test_result"].items()},
         "valid": {k: float(v) for k, v in (result["best_valid_result"] or {}).items()},
         "run_s": elapsed, "cuda_peak_mib": peak_cuda, "torch_threads": torch.get_num_threads(),
+        "best_epoch": result.get("best_epoch"), "epochs_run": result.get("epochs_run"),
     })
 
 
@@ -189,7 +227,7 @@ def run_one(run, args, mode, jsonl_path):
     if os.path.exists(result_path):
         os.remove(result_path)
     common.write_json(spec_path, {"model": variant.model, "dataset": run["dataset"], "config_dict": config_dict,
-                                  "profile": args.profile, "work_dir": work_dir, "result_path": result_path})
+                                  "profile": run["profile"], "work_dir": work_dir, "result_path": result_path})
     loads = [common.load_average()]
     started = common.now_utc()
     log_offset = os.path.getsize(log_path) if os.path.exists(log_path) else 0
@@ -198,7 +236,7 @@ def run_one(run, args, mode, jsonl_path):
     loads.append(common.load_average())
     record = {"run_id": run["run_id"], "mode": mode, "dataset": run["dataset"], "variant": variant.id,
               "label": variant.label, "model": variant.model, "family": variant.family, "base": variant.base,
-              "seed": run["seed"], "profile": args.profile, "overrides": run["config_dict"],
+              "seed": run["seed"], "profile": run["profile"], "overrides": run["config_dict"],
               "started": started, "wall_s": round(wall, 1), "peak_rss_mib": round(peak, 1),
               "loadavg_start": loads[0], "loadavg_end": loads[1], "log": log_path,
               "resumed": resumed_in_log(log_path, log_offset),

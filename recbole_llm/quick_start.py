@@ -18,7 +18,7 @@ from recbole.utils import get_environment, init_logger, init_seed, set_color
 from recbole_llm.checkpoint import load_checkpoint
 from recbole_llm.config import Config
 from recbole_llm.errors import ConfigError, UserInputError
-from recbole_llm.data.locate import check_dataset_available, default_config_files, resolve_profile
+from recbole_llm.data.locate import PROFILES, check_dataset_available, default_config_files, resolve_profile
 from recbole_llm.data.preparation import data_preparation
 from recbole_llm.preflight import DataFileError, check_run_inputs
 from recbole_llm.run_log import HeldLogFile
@@ -148,12 +148,23 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
         "best_valid_result": best_valid_result,
         "test_result": test_result,
         "saved_model_file": getattr(trainer, "saved_model_file", None) if saved else None,
+        **training_extent(trainer, saved),
     }
     if not config["single_spec"]:
         torch.distributed.destroy_process_group()
     if config["local_rank"] == 0 and queue is not None:
         queue.put(result)
     return result
+
+
+def training_extent(trainer, saved):
+    """``epochs_run`` (epochs this process trained) and ``best_epoch`` (the epoch of the saved best model, when
+    saved): whether a run stopped early after its best epoch or ran out of epochs while still improving."""
+    extent = {"epochs_run": len(getattr(trainer, "train_loss_dict", {}) or {})}
+    path = getattr(trainer, "saved_model_file", None)
+    if saved and path and os.path.isfile(path):
+        extent["best_epoch"] = int(load_checkpoint(path, map_location="cpu").get("epoch", -1))
+    return extent
 
 
 def run_recbole_llms(rank, *args):
@@ -242,9 +253,10 @@ def parse_args(argv=None):
     parser.add_argument("--model", "-m", type=str, default="Laser", help="model name, e.g. Laser, SASRecSeRALM, SASRec")
     parser.add_argument("--dataset", "-d", type=str, default="amazon-scientific", help="dataset name")
     parser.add_argument("--config_files", type=str, default=None, help="space-separated config files")
-    parser.add_argument("--profile", type=str, default="auto", choices=["auto", "cpu", "paper", "none"],
-                        help="model size profile: cpu (small, for 2-core runs), paper (the papers' sizes), "
-                             "auto = paper on CUDA, cpu otherwise; none = only the model YAML defaults")
+    parser.add_argument("--profile", type=str, default="auto", choices=PROFILES,
+                        help="model size profile: cpu (small, for 2-core runs), cpu-long (cpu plus a longer schedule, "
+                             "where a model has one), paper (the papers' sizes), auto = paper on CUDA, cpu otherwise; "
+                             "none = only the model YAML defaults")
     parser.add_argument("--nproc", type=int, default=1, help="number of DDP processes on this machine")
     parser.add_argument("--ip", type=str, default="localhost", help="master address for DDP")
     parser.add_argument("--port", type=str, default="5678", help="master port for DDP")

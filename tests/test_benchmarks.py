@@ -101,7 +101,7 @@ def test_aggregate_claims_and_render():
     env = CPU_ENV
     text = quality.render(table, "cpu", env, "python benchmarks/quality.py", "t0", "t1", [[1, 1, 1], [2, 2, 2]], [])
     assert "| SASRec | 0.1020 ± 0.0028 | 0.0510 ± 0.0014 | 0.0255 ± 0.0007 | 2 | 10 | 100 |" in text
-    assert "| Laser (suffix from [EOS]) | 0.1200 | 0.0600 | 0.0300 | 1 (1 not run) |" in text
+    assert "| Laser | 0.1200 | 0.0600 | 0.0300 | 1 (1 not run) |" in text
     assert "`metric_decimal_place`" in text  # the table says how much of a value is RecBole's rounding
 
     records[1] = dict(records[1], resumed=True, wall_s=3.0)  # continued a killed attempt: its time is partial
@@ -126,12 +126,15 @@ def test_failed_runs_are_listed_and_plot_is_written(tmp_path):
 
 def test_variants_and_selection():
     cpu = {v.id: v for v in quality.variants("cpu")}
-    # CPU rows keep the settings they were measured with; --gpu runs the paper's defaults
-    assert cpu["Laser-no_mformer"].overrides == {"use_mformer": False, "suffix_init": "eos", "no_mformer_prefix": "linear"}
-    assert cpu["Laser-no_prefix"].overrides == {"use_prefix": False, "suffix_init": "eos"}
-    assert cpu["Laser-no_stage1"].overrides == {"skip_stage1": True, "suffix_init": "eos"}
-    gpu = {v.id: v for v in quality.variants("gpu")}
-    assert gpu["Laser"].overrides == {} and gpu["Laser-no_mformer"].overrides == {"use_mformer": False}
+    # every mode runs the YAML defaults (with its profile); each ablation and control changes one switch
+    for mode in ("cpu", "gpu"):
+        rows = {v.id: v for v in quality.variants(mode)}
+        assert rows["Laser"].overrides == {} and rows["Laser-no_mformer"].overrides == {"use_mformer": False}
+        assert rows["Laser-untrained"].overrides == {"epochs": 0}
+        assert rows["Laser-no_moe"].overrides == {"use_moe": False}
+        assert rows["Laser-centred"].overrides == {"score_centering": "item_mean"} and rows["Laser-centred"].family == "control"
+    assert cpu["Laser-long"].profile == "cpu-long" and cpu["Laser-long"].overrides == {}
+    assert "Laser-long" not in {v.id for v in quality.variants("gpu")}
     for base in quality.SERALM_BASES:
         assert cpu[f"{base}SeRALM-NA"].overrides["alignment"] is False
         assert cpu[f"{base}SeRALM-aligned"].overrides["alignment"] is True
@@ -140,7 +143,7 @@ def test_variants_and_selection():
         same = {k: cpu[base].overrides[k] for k in quality.CPU_TRAIN}
         assert {k: cpu[f"{base}SeRALM-NA"].overrides[k] for k in quality.CPU_TRAIN} == same
     assert {v.id for v in quality.select(quality.variants("cpu"), ["Laser"])} == {
-        "Laser", "Laser-no_mformer", "Laser-no_prefix", "Laser-no_stage1"}
+        "Laser", "Laser-untrained", "Laser-no_mformer", "Laser-no_prefix", "Laser-no_stage1", "Laser-no_moe", "Laser-long"}
     assert [v.id for v in quality.select(quality.variants("cpu"), None, ["Laser"])] == ["Laser"]
     with pytest.raises(SystemExit, match="unknown --variants"):
         quality.select(quality.variants("cpu"), None, ["SASRecSeRALM"])

@@ -105,6 +105,8 @@ def test_run_evaluates_best_model_from_safe_checkpoint(sasrec_run):
     assert set(sasrec_run["test_result"]) >= {"recall@10", "ndcg@10"}
     checkpoint = torch.load(sasrec_run["saved_model_file"], weights_only=True)
     assert checkpoint["config"]["model"] == "SASRec"
+    # how far it trained, for the benchmark's "best epoch is not the last" check
+    assert sasrec_run["epochs_run"] >= 1 and sasrec_run["best_epoch"] == checkpoint["epoch"]
 
 
 def test_recbole_load_data_and_model_reads_plugin_checkpoint(sasrec_run):
