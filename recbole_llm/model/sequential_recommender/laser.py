@@ -148,7 +148,7 @@ class Laser(SequentialRecommender):
         asked = (getattr(config, "external_config_dict", None) or {}).get("epochs")
         if asked is not None and (isinstance(asked, bool) or not isinstance(asked, int) or asked < 0):
             raise ConfigError(f"epochs={asked!r} cannot be split over Laser's two stages: expected an integer >= 0 "
-                              "(0 only evaluates an init_checkpoint).")
+                              "(0 only evaluates: the untrained model, or an init_checkpoint).")
         stage1, stage2 = stage_epochs(config)
         if asked is not None and asked != stage1 + stage2:
             stage1, stage2 = split_epochs(asked, stage1, stage2)
