@@ -49,6 +49,7 @@ def _import_recbole_models_without_anomaly_mode():
 _register()
 
 from recbole_llm.config import Config  # noqa: E402
+from recbole_llm.recommendations import recommend  # noqa: E402
 from recbole_llm.utils import get_model, get_trainer  # noqa: E402
 
-__all__ = ["Config", "get_model", "get_trainer", "__version__"]
+__all__ = ["Config", "get_model", "get_trainer", "recommend", "__version__"]

@@ -266,6 +266,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--recommend" in argv or argv[:1] == ["recommend"]:
+        return _recommend(argv[1:] if argv[:1] == ["recommend"] else argv)
     args, extra = parse_args(argv)
     bad = [a for a in extra if not (a.startswith("--") and "=" in a)]
     if bad:
@@ -281,6 +284,17 @@ def main(argv=None):
     except (UserInputError, ValueError) as err:
         # A user's mistake gets its message, not a traceback (RECBOLE_LLM_DEBUG=1 shows it).
         if os.environ.get("RECBOLE_LLM_DEBUG") or (isinstance(err, ValueError) and not _is_user_error(err)):
+            raise
+        raise SystemExit(f"error: {err}") from None
+
+
+def _recommend(argv):
+    from recbole_llm.recommendations import main as recommend_main
+
+    try:
+        return recommend_main(argv)
+    except UserInputError as err:
+        if os.environ.get("RECBOLE_LLM_DEBUG"):
             raise
         raise SystemExit(f"error: {err}") from None
 

@@ -27,7 +27,7 @@ RUNTIME_KEYS = {
 _DATA_DIGESTS = {}  # (files and their size/mtime) -> digest: hashing the data once per process, not per epoch
 
 
-def _data_files_digest(config):
+def data_files_digest(config):
     """``frozen_sr.data_digest`` of the dataset's atomic files, so a resume never continues on changed data."""
     from recbole_llm.model.frozen_sr import data_digest, data_files
 
@@ -43,7 +43,7 @@ def run_fingerprint(config):
     """Digest of every config value that affects the result and of the data files (the file name of the
     resume state)."""
     items = sorted((k, repr(v)) for k, v in config.final_config_dict.items() if k not in RUNTIME_KEYS)
-    items.append(("<data files>", _data_files_digest(config)))
+    items.append(("<data files>", data_files_digest(config)))
     return hashlib.sha256(repr(items).encode()).hexdigest()[:12]
 
 

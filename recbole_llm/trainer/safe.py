@@ -11,8 +11,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from recbole_llm.checkpoint import atomic_torch_save, load_checkpoint
 from recbole_llm.faults import with_kill_point
-from recbole_llm.trainer.resume import (capture_random_state, other_resume_states, restore_random_state,
-                                      resume_state_path, run_fingerprint)
+from recbole_llm.trainer.resume import (capture_random_state, data_files_digest, other_resume_states,
+                                        restore_random_state, resume_state_path, run_fingerprint)
 
 
 def as_plugin_config(config):
@@ -155,6 +155,7 @@ class SafeCheckpointMixin:
             "state_dict": self.model.state_dict(),
             "other_parameter": self.model.other_parameter(),
             "optimizer": self.optimizer.state_dict(),
+            "data_digest": data_files_digest(self.config),  # recommend refuses a checkpoint whose data changed
         }
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
