@@ -16,6 +16,11 @@ Sections (each in its own child process, whose peak RSS is reported; on CUDA als
   same prompts in the same batches. ratio = pipeline items/s / plain items/s: 1.0 = as fast as plain
   generate(); the pipeline may pass 1.0 because it encodes the prompts' shared prefix once per batch
   (``knowledge_shared_prefix``), which plain generate() cannot.
+- workers: SeRALM knowledge generation of the same items in this process with all the child's threads
+  (``llm_workers: 1``) and on 2 local Ray workers with half the threads each (``llm_workers: 2``), end to end
+  (LLM loading, and Ray's start for the workers, included); ratio = 2-worker items/s / 1-worker items/s, and
+  whether both wrote the same texts. On a machine with as many cores as threads the ratio is bounded by the
+  cores, not by the workers.
 - train: training samples/s of each model (optimizer steps on real batches of the training data, after a
   warm-up step; Laser's item matrix is computed before the clock starts); also with the data loader's batch
   assembly and the copy to the device counted, as the trainer sees it.
@@ -43,7 +48,7 @@ if __package__ in (None, ""):
 from benchmarks import common  # noqa: E402
 from benchmarks import quality  # noqa: E402
 
-SECTIONS = ("refresh", "generation", "train", "eval")
+SECTIONS = ("refresh", "generation", "workers", "train", "eval")
 TRAIN_MODELS = ("SASRec", "BERT4Rec", "Caser", "LightSANs", "PAUP", "CaserSeRALM", "SASRecSeRALM",
                 "PAUPSeRALM", "LightSANsSeRALM", "Laser")
 QUICK_TRAIN_MODELS = ("SASRec", "PAUP", "SASRecSeRALM", "Laser")
@@ -51,9 +56,12 @@ EVAL_PAIRS = tuple((f"{base}SeRALM", base) for base in quality.SERALM_BASES)
 
 # Sizes per mode: items for the generation section, training batches timed, repeats
 # (evaluations are cheap next to the LLM steps: always 5 repeats, so the ratio is not one noisy pair)
-SIZES = {"quick": {"gen_items": 32, "gen_batch": 32, "train_batches": 3, "repeats": 1, "eval_repeats": 5},
-         "cpu": {"gen_items": 128, "gen_batch": None, "train_batches": 10, "repeats": 3, "eval_repeats": 5},
-         "gpu": {"gen_items": 512, "gen_batch": None, "train_batches": 20, "repeats": 3, "eval_repeats": 5}}
+SIZES = {"quick": {"gen_items": 32, "gen_batch": 32, "train_batches": 3, "repeats": 1, "eval_repeats": 5,
+                   "workers_batch": 8},
+         "cpu": {"gen_items": 128, "gen_batch": None, "train_batches": 10, "repeats": 3, "eval_repeats": 5,
+                 "workers_batch": 16},
+         "gpu": {"gen_items": 512, "gen_batch": None, "train_batches": 20, "repeats": 3, "eval_repeats": 5,
+                 "workers_batch": 32}}
 
 
 def _mode_key(mode):
@@ -367,8 +375,58 @@ def _eval_memory(trainer, test_data, device):
     return {"weights_mib": weights, "eval_added_cuda_mib": _cuda_peak() - before}
 
 
-CHILD_SECTIONS = {"refresh": section_refresh, "generation": section_generation, "train": section_train,
-                  "eval": section_eval}
+def section_workers(spec):
+    """generate_knowledge of the same items: 1 worker (this process, all threads) vs 2 Ray workers (half each)."""
+    import torch
+    from recbole.data import create_dataset
+    from recbole.utils import init_seed
+
+    from recbole_llm.data.knowledge import KnowledgeCache, generate_knowledge, item_source_texts, knowledge_key
+    from recbole_llm.quick_start import build_config
+
+    config_dict = dict(spec["config_dict"], knowledge_source="llm", knowledge_batch_size=spec["workers_batch"])
+    config = build_config(spec["model"], spec["dataset"], config_dict=config_dict, cmd_args=[],
+                          profile=spec["profile"])
+    init_seed(config["seed"], config["reproducibility"])
+    dataset = create_dataset(config)
+    source_texts = item_source_texts(dataset, config)
+    n = len(source_texts) - 1
+    count = min(spec["gen_items"], n)
+    chosen = sorted({1 + int(k * n / count) for k in range(count)})
+    wanted = set(chosen)
+    not_chosen = [i for i in range(1, n + 1) if i not in wanted]
+    threads = torch.get_num_threads()
+    texts = {}
+
+    def run(workers):
+        with tempfile.TemporaryDirectory() as directory:
+            config["knowledge_cache_dir"] = directory
+            config["llm_workers"] = workers
+            config["llm_worker_cpus"] = max(1, threads // workers)
+            config["llm_worker_gpus"] = 0 if _device_type(config) == "cpu" else 1.0 / workers
+            key, meta = knowledge_key(config["dataset"], source_texts, config)
+            KnowledgeCache(directory, key, meta).append_batch(not_chosen, [""] * len(not_chosen))  # only `chosen` left
+            texts[workers] = [t for i, t in enumerate(generate_knowledge(dataset, config, progress=False)) if i in wanted]
+
+    one_times, two_times = _alternate(spec["repeats"], config["device"], lambda: run(1), lambda: run(2))
+    one, two = _summary(one_times), _summary(two_times)
+    return {"items": len(chosen), "batch_size": int(spec["workers_batch"]), "threads": threads,
+            "worker_threads": max(1, threads // 2), "llm_layers": config["llm_num_layers"],
+            "max_new_tokens": int(config["knowledge_max_new_tokens"]),
+            "one": one, "two": two, "one_items_per_s": len(chosen) / one["median_s"],
+            "two_items_per_s": len(chosen) / two["median_s"],
+            "ratio": statistics.median([a / b for a, b in zip(one_times, two_times)]),
+            "same_texts": texts[1] == texts[2], "cuda_peak_mib": _cuda_peak()}
+
+
+def _device_type(config):
+    import torch
+
+    return torch.device(config["device"]).type
+
+
+CHILD_SECTIONS = {"refresh": section_refresh, "generation": section_generation, "workers": section_workers,
+                  "train": section_train, "eval": section_eval}
 
 
 def child_main(spec_path):
@@ -404,6 +462,12 @@ def jobs(args, mode):
         gen_conf = {k: v for k, v in conf(model).items() if k != "knowledge_source"}
         out.append(("generation", dict(base, section="generation", model=model, config_dict=gen_conf,
                                        gen_items=args.gen_items or sizes["gen_items"], gen_batch=sizes["gen_batch"])))
+    if "workers" in args.sections:
+        model = "SASRecSeRALM"
+        gen_conf = {k: v for k, v in conf(model).items() if k != "knowledge_source"}
+        out.append(("workers", dict(base, section="workers", model=model, config_dict=gen_conf,
+                                    gen_items=args.gen_items or sizes["gen_items"],
+                                    workers_batch=sizes["workers_batch"])))
     if "train" in args.sections:
         models = args.models or (QUICK_TRAIN_MODELS if mode.startswith("quick") else TRAIN_MODELS)
         for model in models:
@@ -499,6 +563,19 @@ def render(results, mode, env, command, started, finished, loads, dataset, stand
                       f"{r['plain_items_per_s']:.2f} ({r['items'] / r['plain']['min_s']:.2f})",
                       f"{r['ratio']:.2f}", _mem(r), r["loadavg_end"][0] if r["loadavg_end"] else "-"]]), "",
                 f"Example knowledge text: \"{r['example'][:160]}\"", ""]
+    if "workers" in ok:
+        r = ok["workers"]
+        out += ["## SeRALM knowledge generation on 2 Ray workers vs 1 (same items, same total threads)", "",
+                common.markdown_table(
+                    ["items", "batch", "new tokens", "threads: 1 worker / each of 2", "1 worker items/s",
+                     "2 workers items/s", "ratio 2 / 1", "same texts", mem_header, "load avg"],
+                    [[r["items"], r["batch_size"], r["max_new_tokens"], f"{r['threads']} / {r['worker_threads']}",
+                      f"{r['one_items_per_s']:.2f} ({r['items'] / r['one']['min_s']:.2f})",
+                      f"{r['two_items_per_s']:.2f} ({r['items'] / r['two']['min_s']:.2f})",
+                      f"{r['ratio']:.2f}", "yes" if r["same_texts"] else "no", _mem(r),
+                      r["loadavg_end"][0] if r["loadavg_end"] else "-"]]), "",
+                "End to end: each side loads its LLM (the 2 workers one copy each) and the workers' side starts a "
+                "local Ray. The RSS column is the child's only; Ray's worker processes are not in it.", ""]
     trains = [v for k, v in ok.items() if k.startswith("train:")]
     if trains:
         out += ["## Training throughput", "",

@@ -56,6 +56,8 @@ RANGES = {
     "llm_num_layers": POSITIVE_INT,
     "encode_batch_size": POSITIVE_INT,
     "knowledge_batch_size": POSITIVE_INT,
+    "llm_workers": POSITIVE_INT,
+    "llm_worker_cpus": POSITIVE_INT,
     "knowledge_max_new_tokens": POSITIVE_INT,
     "knowledge_proj_size": POSITIVE_INT,
     "knowledge_dropout": PROBABILITY,

@@ -93,7 +93,7 @@ def test_kl_estimators_are_zero_at_identity_and_k2_k3_have_zero_gradient_there()
 @pytest.fixture(scope="module")
 def lora_llm(tmp_path_factory):
     from recbole_llm.llm.generate import build_chat_prompts, generate_with_ids
-    from recbole_llm.trainer.generator import build_lora_llm
+    from recbole_llm.llm.lora import build_lora_llm
 
     config = tiny_config("SASRecSeRALM", tmp_path_factory.mktemp("lora"), lora_r=4)
     llm, tokenizer = build_lora_llm(config, device="cpu")
@@ -213,7 +213,7 @@ def test_each_variant_trains_one_alignment_step_end_to_end(model_name, tmp_path,
     rec_before = {k: v.clone() for k, v in model.state_dict().items()}
 
     # Phase B only, to check what one step of Algorithm 1 changes.
-    from recbole_llm.trainer.generator import build_lora_llm
+    from recbole_llm.llm.lora import build_lora_llm
 
     trainer.llm, trainer.tokenizer = build_lora_llm(config, device=trainer.device)
     assert _lora_b_norm(trainer) == 0
@@ -351,7 +351,7 @@ def test_alignment_trains_the_text_encoder_jointly_and_keeps_the_aligned_texts(t
     from recbole_llm.checkpoint import atomic_torch_save, load_checkpoint
     from recbole_llm.data import knowledge as K
     from recbole_llm.trainer.alignment_trainer import AlignmentTrainer
-    from recbole_llm.trainer.generator import build_lora_llm
+    from recbole_llm.llm.lora import build_lora_llm
 
     config = tiny_config("SASRecSeRALM", tmp_path, train_text_encoder=True, alignment_steps=2, refresh_every=1,
                          align_batch_size=5, learning_rate=0.01,
@@ -418,7 +418,7 @@ def test_ray_generator_shares_the_trainers_gpu_and_dtype_by_default(tmp_path, sh
     """Ray hides GPUs from an actor that reserves none; and the actor's original-LLM log-probs enter the KL, so
     they must have the trainer's precision."""
     from recbole_llm.trainer import alignment_trainer as module
-    from recbole_llm.trainer.generator import build_lora_llm
+    from recbole_llm.llm.lora import build_lora_llm
 
     seen = {}
     monkeypatch.setattr(module, "RayGenerator", lambda *args, **kwargs: seen.update(kwargs))
@@ -466,7 +466,7 @@ def test_phase_c_puts_the_aligned_knowledge_in_the_model_and_training_keeps_it(t
     stand-in makes phase C's replacement visible."""
     from recbole_llm.data import knowledge as K
     from recbole_llm.trainer.alignment_trainer import AlignmentTrainer
-    from recbole_llm.trainer.generator import build_lora_llm
+    from recbole_llm.llm.lora import build_lora_llm
 
     config = tiny_config("SASRecSeRALM", tmp_path, frozen_base_cache_dir=str(tmp_path / "frozen_base"))
     _, train, valid, _ = tiny_data(config)

@@ -174,6 +174,9 @@ def test_speed_render_and_jobs(tmp_path):
         "generation": dict(common_fields, items=8, batch_size=8, batches=1, max_new_tokens=16, new_tokens=100,
                            mean_prompt_tokens=40.0, llm_layers=30, example="A microscope.", pipeline=summary,
                            plain=summary, pipeline_items_per_s=4.0, plain_items_per_s=4.0, ratio=1.0),
+        "workers": dict(common_fields, items=32, batch_size=8, max_new_tokens=16, threads=2, worker_threads=1,
+                        one=summary, two={"min_s": 0.5, "median_s": 1.0, "runs": 3}, one_items_per_s=16.0,
+                        two_items_per_s=32.0, ratio=2.0, same_texts=True, llm_layers=None),
         "train:SASRec": dict(common_fields, model="SASRec", batch_size=1024, steps=3, samples_per_s=900.0,
                              samples_per_s_with_loading=850.0, median_step_s=1.1, trainable_params=1234),
         "eval:SASRecSeRALM": dict(common_fields, model="SASRecSeRALM", base="SASRec", seralm=summary,
@@ -183,12 +186,13 @@ def test_speed_render_and_jobs(tmp_path):
     text = speed.render(results, "cpu", CPU_ENV, "cmd", "t0", "t1", [None, None], "amazon-scientific")
     assert "| 100 | 2 x 64 | 50 / 60 | 2 | 50.0 (100.0) | 100.0 (200.0) | 0.50 | 500 | 1.5 |" in text
     assert "| 8 | 1 x 8 | 40 | 16 / 100 | 30 | 4.00 (8.00) | 4.00 (8.00) | 1.00 | 500 | 1.5 |" in text
+    assert "| 32 | 8 | 16 | 2 / 1 | 16.00 (32.00) | 32.00 (64.00) | 2.00 | yes | 500 | 1.5 |" in text
     assert "| SASRec | 1024 | 3 | 900.0 | 850.0 | 1.100 | 1,234 | 500 | 1.5 |" in text
     assert "| SASRecSeRALM | SASRec | 2.00 (1.00) | 1.60 (1.00) | 1.25x | - | - | 500 | 1.5 |" in text  # older record
     assert "eval:PAUPSeRALM: exit 1: `RuntimeError: x`" in text
     args, mode = speed.parse_args(["--quick", "--work-dir", str(tmp_path)])
     names = [name for name, _ in speed.jobs(args, mode)]
-    assert names == ["refresh", "generation", "train:SASRec", "train:PAUP", "train:SASRecSeRALM", "train:Laser",
+    assert names == ["refresh", "generation", "workers", "train:SASRec", "train:PAUP", "train:SASRecSeRALM", "train:Laser",
                      "eval:CaserSeRALM", "eval:SASRecSeRALM", "eval:PAUPSeRALM", "eval:LightSANsSeRALM"]
     spec = dict(speed.jobs(args, mode))["eval:PAUPSeRALM"]
     assert spec["configs"]["PAUPSeRALM"]["knowledge_source"] == "item_text"

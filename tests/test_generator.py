@@ -14,7 +14,8 @@ set_threads()
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     """Tiny LoRA LLM, SASRecSeRALM, an (untrained) SASRec as frozen base, the encoder, prompts, a batch."""
-    from recbole_llm.trainer.generator import KnowledgeEncoder, build_lora_llm, generator_options, item_prompts
+    from recbole_llm.llm.lora import build_lora_llm
+    from recbole_llm.trainer.generator import KnowledgeEncoder, generator_options, item_prompts
     from recbole_llm.utils import get_model
 
     tmp = tmp_path_factory.mktemp("generator")
@@ -33,7 +34,8 @@ def parts(tmp_path_factory):
 
 
 def _snapshot(parts, model=None):
-    from recbole_llm.trainer.generator import cpu_state, lora_state
+    from recbole_llm.llm.lora import lora_state
+    from recbole_llm.trainer.generator import cpu_state
 
     return lambda: (lora_state(parts["llm"]), cpu_state((model or parts["model"]).state_dict()))
 

@@ -29,6 +29,7 @@ from recbole_llm.config import config_get
 from recbole_llm.errors import CorruptFileError
 from recbole_llm.faults import kill_point
 from recbole_llm.fileio import atomic_path, build_lock
+from recbole_llm.llm.workers import WorkerPool, set_worker_threads, worker_settings
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ DEFAULTS = {
     "encoder_path": None,
     "knowledge_cache_dir": None,
     "knowledge_grounding": "none",
+    "llm_workers": 1,
 }
 
 
@@ -269,13 +271,15 @@ def load_knowledge_llm(config):
 
 
 def generate_knowledge(dataset, config, llm=None, tokenizer=None, adapter_version="base", generate_fn=None,
-                       progress=True):
+                       progress=True, lora=None):
     """Knowledge text for every item (list by internal id, "" for padding), generated once and cached.
 
     llm/tokenizer: the model to generate with (e.g. the aligned LLM); None loads ``llm_path`` only when
         something is left to generate. A passed LLM must be the config's LLM plus the adapter named by
         ``adapter_version``: the cache key is computed from the config and that version.
     generate_fn: ``prompts -> texts`` (tests; custom backends); default batched greedy decoding.
+    lora: the LoRA state of a passed peft LLM, so that ``llm_workers`` > 1 can rebuild it in each worker (a passed
+        LLM without it generates in this process).
     """
     source_texts = item_source_texts(dataset, config)
     key, meta = knowledge_key(config["dataset"], source_texts, config, adapter_version)
@@ -285,7 +289,7 @@ def generate_knowledge(dataset, config, llm=None, tokenizer=None, adapter_versio
         with build_lock(cache.final_path, f"generating the knowledge of '{config['dataset']}'"):
             texts = cache.load_final()  # a process that held the lock before us may have finished it
             if texts is None:
-                return _generate_missing(cache, source_texts, config, llm, tokenizer, generate_fn, progress)
+                return _generate_missing(cache, source_texts, config, llm, tokenizer, generate_fn, progress, lora)
     if len(texts) != len(source_texts):
         raise ValueError(f"Knowledge cache '{cache.final_path}' holds {len(texts)} items, expected "
                          f"{len(source_texts)}; delete it to regenerate.")
@@ -294,40 +298,82 @@ def generate_knowledge(dataset, config, llm=None, tokenizer=None, adapter_versio
     return texts
 
 
-def _generate_missing(cache, source_texts, config, llm, tokenizer, generate_fn, progress):
+def _generate_missing(cache, source_texts, config, llm, tokenizer, generate_fn, progress, lora=None):
     """Generate what the resume file lacks, then write the final cache; the caller holds the build lock."""
     done = cache.load_partial()
     todo = [i for i in range(1, len(source_texts)) if i not in done]
     if todo:
-        if generate_fn is None:
-            if llm is None or tokenizer is None:
-                llm, tokenizer = load_knowledge_llm(config)
-            generate_fn = _default_generate_fn(llm, tokenizer, config)
         todo.sort(key=lambda i: len(source_texts[i]))  # similar lengths batch with less padding
-        logger.info(f"Generating knowledge for {len(todo)} items ({len(done)} cached) into {cache.partial_path}")
-        _generate_batches(cache, todo, source_texts, generate_fn, tokenizer, int(cfg(config, "knowledge_batch_size")),
-                          done, progress)
+        batch_size = int(cfg(config, "knowledge_batch_size"))
+        batches = [todo[begin:begin + batch_size] for begin in range(0, len(todo), batch_size)]
+        workers = worker_settings(config)
+        logger.info(f"Generating knowledge for {len(todo)} items ({len(done)} cached) into {cache.partial_path}"
+                    + (f" on {workers[0]} LLM workers" if workers[0] > 1 else ""))
+        start = time.perf_counter()
+        with tqdm(total=len(todo), desc="Knowledge generation", unit="item", disable=not progress) as bar:
+            if workers[0] > 1 and generate_fn is None and (llm is None or lora is not None):
+                _generate_on_workers(cache, batches, source_texts, config, lora, done, bar, workers)
+            else:
+                if generate_fn is None:
+                    if llm is None or tokenizer is None:
+                        llm, tokenizer = load_knowledge_llm(config)
+                    generate_fn = _default_generate_fn(llm, tokenizer, config)
+                for ids in batches:
+                    texts = [source_texts[i] for i in ids]
+                    prompts = knowledge_prompts(texts, tokenizer) if tokenizer is not None else texts
+                    _store_batch(cache, done, ids, generate_fn(prompts))
+                    bar.update(len(ids))
+        elapsed = time.perf_counter() - start
+        logger.info(f"Generated knowledge for {len(todo)} items in {elapsed:.1f} s "
+                    f"({len(todo) / max(elapsed, 1e-9):.2f} items/s)")
     texts = [""] + [done[i] for i in range(1, len(source_texts))]
     cache.finalize(texts)
     return texts
 
 
-def _generate_batches(cache, todo, source_texts, generate_fn, tokenizer, batch_size, done, progress):
-    start = time.perf_counter()
-    with tqdm(total=len(todo), desc="Knowledge generation", unit="item", disable=not progress) as bar:
-        for begin in range(0, len(todo), batch_size):
-            ids = todo[begin:begin + batch_size]
-            batch_texts = [source_texts[i] for i in ids]
-            prompts = knowledge_prompts(batch_texts, tokenizer) if tokenizer is not None else batch_texts
-            outputs = [str(o).strip() for o in generate_fn(prompts)]
-            if len(outputs) != len(ids):
-                raise RuntimeError(f"The generator returned {len(outputs)} texts for {len(ids)} prompts.")
-            cache.append_batch(ids, outputs)
-            kill_point("knowledge_batch")
-            done.update(zip(ids, outputs))
-            bar.update(len(ids))
-    elapsed = time.perf_counter() - start
-    logger.info(f"Generated knowledge for {len(todo)} items in {elapsed:.1f} s ({len(todo) / max(elapsed, 1e-9):.2f} items/s)")
+def _store_batch(cache, done, ids, outputs):
+    """Append one finished batch to the resume file (then it counts as done)."""
+    outputs = [str(o).strip() for o in outputs]
+    if len(outputs) != len(ids):
+        raise RuntimeError(f"The generator returned {len(outputs)} texts for {len(ids)} prompts.")
+    cache.append_batch(ids, outputs)
+    kill_point("knowledge_batch")
+    done.update(zip(ids, outputs))
+
+
+def _generate_on_workers(cache, batches, source_texts, config, lora, done, bar, workers):
+    """The same batches as one process, each generated by one of ``llm_workers`` Ray actors and stored as it
+    arrives."""
+    n, cpus, gpus, address = workers
+    tasks = [(ids, [source_texts[i] for i in ids]) for ids in batches]
+    with WorkerPool(KnowledgeWorker, (config, lora, cpus), n, cpus, gpus, address) as pool:
+        pool.run(tasks, "generate", lambda task, outputs: _store_batch(cache, done, task[0], outputs),
+                 progress=lambda task: bar.update(len(task[0])))
+
+
+class KnowledgeWorker:
+    """A Ray actor generating knowledge with its own copy of the config's LLM (plus a LoRA state, if given)."""
+
+    def __init__(self, config, lora, num_cpus):
+        set_worker_threads(num_cpus)
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray shows a worker only the GPUs it was given
+        if lora is None:
+            from recbole_llm.llm.loader import load_causal_lm
+
+            llm, tokenizer = load_causal_lm(cfg(config, "llm_path"), device=device,
+                                            num_layers=cfg(config, "llm_num_layers"),
+                                            trust_remote_code=bool(cfg(config, "llm_trust_remote_code") or False))
+        else:
+            from recbole_llm.llm.lora import build_lora_llm, load_lora_state
+
+            llm, tokenizer = build_lora_llm(config, device=device)
+            load_lora_state(llm, lora)
+        llm.eval()
+        self.tokenizer = tokenizer
+        self.generate_fn = _default_generate_fn(llm, tokenizer, config)
+
+    def generate(self, ids, texts):
+        return self.generate_fn(knowledge_prompts(texts, self.tokenizer))
 
 
 # ----------------------------------------------------------------------------------------- encoding
@@ -396,17 +442,52 @@ def _load_vectors(path, n_rows):
 def _encode_and_save(texts, config, encoder, path, progress):
     from safetensors.torch import save_file
 
-    if encoder is None:
-        from recbole_llm.llm.loader import load_text_encoder
-
-        device = config["device"] if "device" in config else None
-        encoder = load_text_encoder(cfg(config, "encoder_path"), device=device)
-    model, tokenizer = encoder
     # The padding item (row 0) and items whose knowledge came out empty get a zero vector.
-    vectors = encode_texts(model, tokenizer, [""] + texts[1:], int(cfg(config, "knowledge_encoder_max_length")),
-                           progress=progress).contiguous()
+    texts = [""] + list(texts[1:])
+    max_length = int(cfg(config, "knowledge_encoder_max_length"))
+    workers = worker_settings(config)
+    if workers[0] > 1 and encoder is None:
+        vectors = _encode_on_workers(texts, config, max_length, workers, progress)
+    else:
+        if encoder is None:
+            from recbole_llm.llm.loader import load_text_encoder
+
+            device = config["device"] if "device" in config else None
+            encoder = load_text_encoder(cfg(config, "encoder_path"), device=device)
+        model, tokenizer = encoder
+        vectors = encode_texts(model, tokenizer, texts, max_length, progress=progress)
+    vectors = vectors.contiguous()
     _atomic_write(path, lambda tmp: save_file({"vectors": vectors}, tmp))
     return vectors
+
+
+ENCODE_SHARD = 512  # items per encoding task of a worker
+
+
+def _encode_on_workers(texts, config, max_length, workers, progress):
+    """``encode_texts`` of consecutive shards of the items, one shard at a time per worker."""
+    n, cpus, gpus, address = workers
+    parts = {}
+    tasks = [(start, texts[start:start + ENCODE_SHARD], max_length) for start in range(0, len(texts), ENCODE_SHARD)]
+    with tqdm(total=len(texts), desc="Knowledge encoding", unit="item", disable=not progress) as bar, \
+            WorkerPool(EncoderWorker, (config, cpus), n, cpus, gpus, address) as pool:
+        pool.run(tasks, "encode", lambda task, vectors: parts.__setitem__(task[0], vectors),
+                 progress=lambda task: bar.update(len(task[1])))
+    return torch.cat([parts[start] for start in sorted(parts)])
+
+
+class EncoderWorker:
+    """A Ray actor encoding knowledge texts with its own copy of the config's text encoder."""
+
+    def __init__(self, config, num_cpus):
+        from recbole_llm.llm.loader import load_text_encoder
+
+        set_worker_threads(num_cpus)
+        self.model, self.tokenizer = load_text_encoder(cfg(config, "encoder_path"),
+                                                       device="cuda" if torch.cuda.is_available() else "cpu")
+
+    def encode(self, start, texts, max_length):
+        return encode_texts(self.model, self.tokenizer, texts, max_length)
 
 
 def grounding_prefixes(dataset, config):

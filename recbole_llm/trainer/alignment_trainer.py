@@ -65,16 +65,13 @@ from recbole_llm.trainer.generator import (
     KnowledgeEncoder,
     RayGenerator,
     SyncGenerator,
-    build_lora_llm,
     by_sampled_items,
     cpu_state,
     generator_options,
     instance_items_from,
     item_prompts,
-    load_lora_state,
-    lora_state,
-    state_digest,
 )
+from recbole_llm.llm.lora import build_lora_llm, load_lora_state, lora_state, state_digest
 from recbole_llm.trainer.resume import capture_random_state, restore_random_state, run_fingerprint
 from recbole_llm.trainer.safe import SafeCheckpointMixin
 
@@ -418,7 +415,7 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
         self.adapter_version = "lora-" + state_digest(state)
         self.llm.eval()
         texts = generate_knowledge(dataset, self.config, llm=self.llm, tokenizer=self.tokenizer,
-                                   adapter_version=self.adapter_version, progress=show_progress)
+                                   adapter_version=self.adapter_version, progress=show_progress, lora=state)
         texts = grounded_texts(dataset, self.config, texts)
         if getattr(self.model, "train_text_encoder", False):
             self.model.set_knowledge_texts(texts)  # encoded by the model's own, jointly trained encoder

@@ -31,7 +31,6 @@ with the config's fixed encoder, exactly as the knowledge matrix was encoded.
 
 import contextlib
 import copy
-import hashlib
 import logging
 from collections import deque
 
@@ -39,78 +38,10 @@ import torch
 import torch.nn.functional as F
 
 from recbole_llm.config import config_get
+from recbole_llm.llm.lora import build_lora_llm, state_digest
 from recbole_llm.trainer.alignment_loss import membership_matrix
 
 logger = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------------------------ LoRA LLM
-def lora_config_from(config):
-    """peft LoraConfig from ``lora_r``, ``lora_alpha``, ``lora_dropout``, ``lora_target_modules``."""
-    from peft import LoraConfig
-
-    targets = config_get(config, "lora_target_modules", ["q_proj", "v_proj"])
-    if isinstance(targets, str):
-        targets = [targets]
-    r = int(config_get(config, "lora_r", 8))
-    if r <= 0:
-        raise ValueError(f"lora_r must be a positive integer, got {r}.")
-    return LoraConfig(r=r, lora_alpha=float(config_get(config, "lora_alpha", 16)),
-                      lora_dropout=float(config_get(config, "lora_dropout", 0.05)),
-                      target_modules=list(targets), bias="none", task_type="CAUSAL_LM")
-
-
-def build_lora_llm(config, device=None, dtype="auto"):
-    """The frozen LLM of ``llm_path`` (bundled SmolLM2 when unset) with fresh LoRA adapters (B = 0, so
-    it starts identical to the original LLM); only the LoRA parameters are trainable. ``dtype`` of the base
-    weights: "auto" (bf16/fp16 on CUDA, fp32 on CPU) or a torch dtype."""
-    from peft import get_peft_model
-
-    from recbole_llm.llm.loader import load_causal_lm
-
-    llm, tokenizer = load_causal_lm(config_get(config, "llm_path"), device=device, dtype=dtype,
-                                    num_layers=config_get(config, "llm_num_layers"),
-                                    trust_remote_code=bool(config_get(config, "llm_trust_remote_code", False)))
-    seed = int(config_get(config, "seed", 0))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # LoRA A init is random: same seed, same adapter in trainer and actor
-        try:
-            model = get_peft_model(llm, lora_config_from(config))
-        except ValueError as err:
-            raise ValueError(f"lora_target_modules={config_get(config, 'lora_target_modules')!r} does not fit the LLM "
-                             f"({err}); expected names of its attention projections, e.g. [q_proj, v_proj].") from None
-    # LoRA weights stay fp32 even when the base LLM is half precision (stable small updates).
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            param.data = param.data.float()
-    return model, tokenizer
-
-
-def lora_state(model):
-    """The LoRA parameters only, as CPU tensor copies (what a snapshot sends)."""
-    from peft import get_peft_model_state_dict
-
-    return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
-
-
-def load_lora_state(model, state):
-    from peft import set_peft_model_state_dict
-
-    result = set_peft_model_state_dict(model, state)
-    unexpected = getattr(result, "unexpected_keys", None) or []
-    if unexpected:
-        raise ValueError(f"LoRA state holds keys the LLM does not have, e.g. {unexpected[0]!r}.")
-
-
-def state_digest(state):
-    """16-hex digest of a state dict's tensors (names + values); the adapter version of the knowledge."""
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        tensor = state[key].detach().to("cpu").contiguous()
-        digest.update(key.encode())
-        digest.update(str(tensor.dtype).encode())
-        digest.update(tensor.float().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def _lora_params(model):

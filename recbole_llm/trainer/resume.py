@@ -21,6 +21,7 @@ RUNTIME_KEYS = {
     "resume", "resume_checkpoint", "local_rank", "device", "gpu_id", "use_gpu", "show_progress", "state",
     "checkpoint_dir", "log_wandb", "wandb_project", "trust_pickled_checkpoint", "worker", "nproc", "ip", "port",
     "world_size", "offset", "single_spec", "config_files", "profile", "align_resume_every", "align_log_every",
+    "llm_workers", "llm_worker_cpus", "llm_worker_gpus", "ray_address",
 }
 
 
