@@ -253,3 +253,14 @@ def test_console_script_entry_point_returns_none_after_a_run(monkeypatch):
     entry = getattr(importlib.import_module(module), func)
     monkeypatch.setattr(quick_start, "run_recbole_llm", lambda *a, **k: {"best_valid_score": 0.1})
     assert entry(["--model=SASRec", "--dataset=ml-100k"]) is None
+
+
+def test_runs_started_in_the_same_second_get_their_own_checkpoint():
+    """Two runs named after the same second once shared (and deleted) one file; the name now carries the process
+    id, and a count when one process builds several trainers in that second."""
+    from recbole_llm.trainer.safe import unique_checkpoint_name
+
+    first = unique_checkpoint_name("saved/SASRec-Dec-02-2026_21-35-54.pth")
+    second = unique_checkpoint_name("saved/SASRec-Dec-02-2026_21-35-54.pth")
+    assert first == f"saved/SASRec-Dec-02-2026_21-35-54-{os.getpid()}.pth"
+    assert second == f"saved/SASRec-Dec-02-2026_21-35-54-{os.getpid()}-2.pth"

@@ -3,6 +3,7 @@ exactly after being killed (see ``recbole_llm.trainer.resume``)."""
 
 import functools
 import os
+from collections import Counter
 
 import torch
 from recbole.trainer import Trainer
@@ -27,6 +28,19 @@ def as_plugin_config(config):
     return converted
 
 
+_NAMES_USED = Counter()
+
+
+def unique_checkpoint_name(path):
+    """RecBole's ``<Model>-<time to the second>.pth`` plus this process's id (and a count when one process builds
+    several trainers in that second): runs started in the same second (a script, parallel tuning trials) would
+    otherwise write, load and delete one another's checkpoint."""
+    base, ext = os.path.splitext(path)
+    _NAMES_USED[base] += 1
+    count = _NAMES_USED[base]
+    return f"{base}-{os.getpid()}{'' if count == 1 else f'-{count}'}{ext}"
+
+
 class SafeCheckpointMixin:
     """Overrides RecBole's checkpoint write (protocol 4, not atomic) and resume (bare torch.load), and
     makes its DDP set-up work on the CPU with one checkpoint name shared by all ranks."""
@@ -42,6 +56,7 @@ class SafeCheckpointMixin:
             super().__init__(config, model)
         finally:
             config["single_spec"] = not distributed
+        self.saved_model_file = unique_checkpoint_name(self.saved_model_file)
         if distributed:
             if on_cpu:
                 self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
