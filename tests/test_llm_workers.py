@@ -121,3 +121,30 @@ def test_worker_settings_are_checked():
         W.worker_settings({"llm_workers": 0})
     with pytest.raises(ConfigError, match="llm_worker_gpus"):
         W.worker_settings({"llm_worker_gpus": -1})
+
+
+def test_laser_item_refresh_on_two_workers_equals_one_process(ray_local, tmp_path):
+    """Stage 1 and a stage-2 state (frozen item side): the matrix of 2 workers is the one of this process."""
+    from tests import helpers_laser
+
+    torch.set_num_threads(1)
+    helpers_laser.seeded(0)
+    _, single, *_ = helpers_laser.build(tmp_path, encode_batch_size=4)
+    helpers_laser.seeded(0)
+    _, pooled, *_ = helpers_laser.build(tmp_path, encode_batch_size=4, llm_workers=2)
+    pooled.load_state_dict(single.state_dict())
+    try:
+        for stage in (1, 2):
+            if stage == 2:
+                with torch.no_grad():
+                    single.suffix.add_(0.5)
+                single.freeze_item_side()  # a stage-2 state: its item side is the frozen tower
+                with torch.no_grad():
+                    single.suffix.add_(1.0)  # the user side moves on; items must still use the tower
+                pooled.load_state_dict(single.state_dict())
+            single.refresh_item_matrix(force=True, show_progress=False)
+            pooled.refresh_item_matrix(force=True, show_progress=False)
+            assert pooled._item_workers is not None and len(pooled._item_workers.actors) == 2
+            torch.testing.assert_close(pooled.item_matrix, single.item_matrix, rtol=1e-4, atol=1e-5)
+    finally:
+        pooled.close_item_workers()

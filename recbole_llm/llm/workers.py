@@ -62,6 +62,10 @@ class WorkerPool:
         self.actors = [remote.remote(*args) for _ in range(int(n))]
         self.in_flight = int(in_flight)
 
+    def put(self, value):
+        """A Ray object reference of ``value``: sent to the workers once, whatever the number of tasks using it."""
+        return self._ray.put(value)
+
     def run(self, tasks, method, on_result, progress=None):
         """Call ``actor.<method>(*task)`` for every task and ``on_result(task, result)`` in the order results
         arrive; at most ``in_flight`` tasks wait per actor. ``progress(task)`` after each stored result."""

@@ -149,6 +149,13 @@ class LaserTrainer(SafeCheckpointMixin, Trainer):
             self._save_checkpoint(-1, verbose=verbose)
         return self.best_valid_score, self.best_valid_result
 
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        try:
+            return super().fit(train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress,
+                               callback_fn=callback_fn)
+        finally:
+            self.model.close_item_workers()  # llm_workers' actors hold LLM copies: free them when training ends
+
     def _fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         if self.epochs == 0:
             return self._zero_shot(valid_data, verbose, saved, show_progress)

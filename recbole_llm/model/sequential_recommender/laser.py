@@ -53,6 +53,7 @@ from recbole_llm.errors import ConfigError, DataNotFoundError
 from recbole_llm.faults import kill_point
 from recbole_llm.llm.encode import hidden_states_from_embeds, last_hidden_from_embeds
 from recbole_llm.llm.loader import hidden_size, input_embeddings, load_causal_lm
+from recbole_llm.llm.workers import WorkerPool, set_worker_threads, worker_settings
 from recbole_llm.model.frozen_sr import load_frozen_sr
 from recbole_llm.model.sequential_recommender.mformer import LearnedPrefix, LinearPrefix, MFormer
 from recbole_llm.validation import check_choices, check_softmax_training
@@ -215,6 +216,9 @@ class Laser(SequentialRecommender):
         self.param_version = 0  # bumped by the trainer after every optimizer step
         self.training_stage = 1
         self.other_parameter_name = ["item_matrix", "item_center", "item_matrix_version", "param_version", "training_stage"]
+        workers = worker_settings(config)
+        self._worker_args = (config, dataset, workers) if workers[0] > 1 else None  # item refresh on Ray actors
+        self._item_workers = None
         if config["init_checkpoint"]:
             self.load_trainable_weights(config["init_checkpoint"],
                                         trust=bool(config_get(config, "trust_pickled_checkpoint", False)))
@@ -429,10 +433,18 @@ class Laser(SequentialRecommender):
         items = sorted(range(1, self.n_items), key=lambda i: len(self.item_text_ids[i]))
         matrix = torch.zeros(self.n_items, self.llm_size, device=self.device)
         batches = [items[i:i + self.encode_batch_size] for i in range(0, len(items), self.encode_batch_size)]
-        for batch in tqdm(batches, desc=set_color("Item embeddings", "pink"), disable=not show_progress, ncols=100):
-            kill_point("item_refresh_batch")
-            index = torch.tensor(batch, dtype=torch.long, device=self.device)
-            matrix[index] = self.encode_items(index)
+        with tqdm(total=len(batches), desc=set_color("Item embeddings", "pink"), disable=not show_progress,
+                  ncols=100) as bar:
+            def store(batch, rows):
+                kill_point("item_refresh_batch")
+                matrix[torch.tensor(batch, dtype=torch.long, device=self.device)] = rows.to(matrix)
+                bar.update(1)
+
+            if self._worker_args is not None:
+                self._encode_on_workers(batches, store)
+            else:
+                for batch in batches:
+                    store(batch, self.encode_items(torch.tensor(batch, dtype=torch.long, device=self.device)))
         center = matrix[1:].mean(0) if self.score_centering == "item_mean" else torch.zeros_like(matrix[0])
         matrix[1:] = F.normalize(matrix[1:] - center, dim=-1)
         self.item_matrix = matrix
@@ -445,6 +457,23 @@ class Laser(SequentialRecommender):
         if self.item_matrix is None:
             self.refresh_item_matrix(show_progress=False)
         return self.item_matrix
+
+    def _encode_on_workers(self, batches, store):
+        """``encode_items`` of every batch on ``llm_workers`` Ray actors, each holding its own Laser (its own LLM
+        and frozen SR, built from the config); this model's trainable weights travel once per refresh."""
+        if self._item_workers is None:
+            config, dataset, (n, cpus, gpus, address) = self._worker_args
+            self._item_workers = WorkerPool(LaserItemWorker, (config, dataset, cpus), n, cpus, gpus, address)
+        pool = self._item_workers
+        state = pool.put({k: v.detach().cpu() for k, v in self.state_dict().items()})
+        tasks = [(state, self.param_version, batch) for batch in batches]
+        pool.run(tasks, "encode", lambda task, rows: store(task[2], rows))
+
+    def close_item_workers(self):
+        """Stop the refresh's Ray actors (a later refresh starts them again)."""
+        if self._item_workers is not None:
+            self._item_workers.close()
+            self._item_workers = None
 
     # -------------------------------------------------------------------------------------- RecBole API
     def sampled_loss(self, interaction):
@@ -510,6 +539,26 @@ class Laser(SequentialRecommender):
         matrix = self._require_item_matrix()
         user = self._user_embeddings_chunked(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
         return user @ matrix.t()
+
+
+class LaserItemWorker:
+    """A Ray actor of the item refresh: its own Laser built from the run's config and dataset, on the GPU Ray gave
+    it (or the CPU), taking the trainer's trainable weights when their version changes."""
+
+    def __init__(self, config, dataset, num_cpus):
+        set_worker_threads(num_cpus)
+        config["device"] = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        config["llm_workers"] = 1
+        config["init_checkpoint"] = None
+        self.model = Laser(config, dataset).to(config["device"]).eval()
+        self.version = None
+
+    @torch.no_grad()
+    def encode(self, state, version, batch):
+        if version != self.version:
+            self.model.load_state_dict(state)
+            self.version = version
+        return self.model.encode_items(torch.tensor(batch, dtype=torch.long, device=self.model.device)).cpu()
 
 
 def _require_native_backbone(llm, llm_path):
