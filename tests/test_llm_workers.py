@@ -57,57 +57,50 @@ def test_two_workers_generate_and_encode_what_one_process_does(ray_local, single
     torch.testing.assert_close(vectors, single[1], rtol=1e-4, atol=1e-5)
 
 
-def test_a_lost_workers_batches_are_done_by_the_other(ray_local, single, tmp_path, monkeypatch):
+@pytest.fixture
+def kill_after_first_batch(monkeypatch):
+    """``arm(which)``: after the first stored batch, kill the pool's actors ``which`` (a slice); returns the ids of
+    every stored batch, in order."""
     pools, stored = [], []
-    start = W.WorkerPool.__init__
+    start, append = W.WorkerPool.__init__, K.KnowledgeCache.append_batch
 
     def keep(self, *args, **kwargs):
         start(self, *args, **kwargs)
         pools.append(self)
 
-    append = K.KnowledgeCache.append_batch
+    def arm(which):
+        stored.clear()
 
-    def append_then_kill(self, ids, texts):
-        append(self, ids, texts)
-        stored.append(list(ids))
-        if len(stored) == 1:
-            ray.kill(pools[-1].actors[0])
+        def append_then_kill(self, ids, texts):
+            append(self, ids, texts)
+            stored.append(list(ids))
+            if which is not None and len(stored) == 1:
+                for actor in pools[-1].actors[which]:
+                    ray.kill(actor)
+
+        monkeypatch.setattr(K.KnowledgeCache, "append_batch", append_then_kill)
+        return stored
 
     monkeypatch.setattr(W.WorkerPool, "__init__", keep)
-    monkeypatch.setattr(K.KnowledgeCache, "append_batch", append_then_kill)
+    return arm
+
+
+def test_a_lost_workers_batches_are_done_by_the_other(ray_local, single, tmp_path, kill_after_first_batch):
+    stored = kill_after_first_batch(slice(0, 1))
     config, dataset = tiny(tmp_path, llm_workers=2)
     assert K.generate_knowledge(dataset, config, progress=False) == single[0]
     assert sorted(i for ids in stored for i in ids) == list(range(1, len(single[0])))  # every item once
 
 
-def test_rerun_after_every_worker_is_lost_generates_only_the_rest(ray_local, single, tmp_path, monkeypatch):
-    pools, stored = [], []
-    start = W.WorkerPool.__init__
-
-    def keep(self, *args, **kwargs):
-        start(self, *args, **kwargs)
-        pools.append(self)
-
-    append = K.KnowledgeCache.append_batch
-
-    def append_then_kill_all(self, ids, texts):
-        append(self, ids, texts)
-        stored.append(list(ids))
-        if len(stored) == 1:
-            for actor in pools[-1].actors:
-                ray.kill(actor)
-
-    monkeypatch.setattr(W.WorkerPool, "__init__", keep)
-    monkeypatch.setattr(K.KnowledgeCache, "append_batch", append_then_kill_all)
+def test_rerun_after_every_worker_is_lost_generates_only_the_rest(ray_local, single, tmp_path, kill_after_first_batch):
+    stored = kill_after_first_batch(slice(None))
     config, dataset = tiny(tmp_path, llm_workers=2)
     with pytest.raises(W.WorkersLost, match="rerun to do only the rest"):
         K.generate_knowledge(dataset, config, progress=False)
     first = [i for ids in stored for i in ids]
     assert 0 < len(first) < len(single[0]) - 1
 
-    stored.clear()
-    monkeypatch.setattr(K.KnowledgeCache, "append_batch", lambda self, ids, texts: (append(self, ids, texts),
-                                                                                    stored.append(list(ids))))
+    stored = kill_after_first_batch(None)
     assert K.generate_knowledge(dataset, config, progress=False) == single[0]
     again = sorted(i for ids in stored for i in ids)
     assert again == sorted(set(range(1, len(single[0]))) - set(first))

@@ -41,23 +41,34 @@ def worker_settings(config):
     return workers, cpus, gpus, config_get(config, "ray_address", None)
 
 
+def start_ray(address=None, num_cpus=1):
+    """(ray, started): Ray as it runs, else started here, locally with ``num_cpus`` (rounded up; Ray finds the GPUs
+    itself) or connected to the cluster at ``address``."""
+    import ray
+
+    if ray.is_initialized():
+        return ray, False
+    init = dict(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False,
+                logging_level=logging.WARNING)
+    if address is None:
+        init["num_cpus"] = max(int(-(-num_cpus // 1)), 1)
+    ray.init(**init)
+    return ray, True
+
+
+def stop_ray(ray, started):
+    """Shut down a Ray that ``start_ray`` started (one that was running before is left alone); returns False."""
+    if started and ray.is_initialized():
+        ray.shutdown()
+    return False
+
+
 class WorkerPool:
     """``n`` Ray actors of ``worker_class(*args)``; ``run`` maps tasks over them."""
 
     def __init__(self, worker_class, args, n, num_cpus=1, num_gpus=0, ray_address=None, in_flight=2):
-        import ray
-
-        self._ray = ray
-        self._owns_ray = False
-        if not ray.is_initialized():
-            init = dict(address=ray_address, ignore_reinit_error=True, include_dashboard=False,
-                        log_to_driver=False, logging_level=logging.WARNING)
-            if ray_address is None:
-                init["num_cpus"] = max(int(n * num_cpus), 1)
-                if num_gpus:
-                    init["num_gpus"] = max(int(-(-n * num_gpus // 1)), 1)
-            ray.init(**init)
-            self._owns_ray = True
+        self._ray, self._owns_ray = start_ray(ray_address, n * num_cpus)
+        ray = self._ray
         remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(worker_class)
         self.actors = [remote.remote(*args) for _ in range(int(n))]
         self.in_flight = int(in_flight)
@@ -109,9 +120,7 @@ class WorkerPool:
             except Exception:  # already gone
                 pass
         self.actors = []
-        if self._owns_ray and ray.is_initialized():
-            ray.shutdown()
-            self._owns_ray = False
+        self._owns_ray = stop_ray(ray, self._owns_ray)
 
     def __enter__(self):
         return self

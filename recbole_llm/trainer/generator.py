@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from recbole_llm.config import config_get
 from recbole_llm.llm.lora import build_lora_llm, state_digest
+from recbole_llm.llm.workers import start_ray, stop_ray
 from recbole_llm.trainer.alignment_loss import membership_matrix
 
 logger = logging.getLogger(__name__)
@@ -371,17 +372,8 @@ class RayGenerator(GeneratorJob):
     def __init__(self, config, prompts, recommender, frozen_base, encode, options, refresh_every,
                  ray_address=None, num_cpus=1, num_gpus=0, prefetch=2, dtype="auto"):
         super().__init__(refresh_every)
-        import ray
-
-        self._ray = ray
-        self._owns_ray = False
-        if not ray.is_initialized():
-            init = dict(address=ray_address, ignore_reinit_error=True, include_dashboard=False,
-                        log_to_driver=False, logging_level=logging.WARNING)
-            if ray_address is None:
-                init["num_cpus"] = max(int(num_cpus) + 1, 2)
-            ray.init(**init)
-            self._owns_ray = True
+        self._ray, self._owns_ray = start_ray(ray_address, num_cpus=max(int(num_cpus) + 1, 2))
+        ray = self._ray
         actor_class = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(_GeneratorActor)
         # The actor gets its own copies (pickled once); afterwards only state dicts travel.
         self.actor = actor_class.remote(config, list(prompts), recommender_copy(recommender).cpu(),
@@ -411,6 +403,4 @@ class RayGenerator(GeneratorJob):
             except Exception:  # already gone
                 pass
             self.actor = None
-        if self._owns_ray and ray.is_initialized():
-            ray.shutdown()
-            self._owns_ray = False
+        self._owns_ray = stop_ray(ray, self._owns_ray)
