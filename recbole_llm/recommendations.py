@@ -121,7 +121,7 @@ class Recommender:
                 where = f"the {split} split" if split else "any split"
                 parts.append(f"{len(no_row)} without an interaction in {where}: {_listing(no_row)}")
             raise UnknownUsersError(f"unknown user ids ({'; '.join(parts)}). Expected external ids as in the "
-                                    f".inter file's {self.uid_field} column; pass skip_unknown to skip them.")
+                                    f".inter file's {self.uid_field} column; --skip_unknown (skip_unknown=True) skips them.")
         if missing:
             getLogger().warning(f"recommend: skipped {len(missing)} unknown user id(s): {_listing(missing)}")
         return np.array(ids, dtype=np.int64)
@@ -243,14 +243,13 @@ class Recommender:
             raise ConfigError(f"topk must be a positive integer, got {topk!r}")
         if int(batch_size) < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-        uids = self.internal_users(users, split, skip_unknown)
+        uids = self.internal_users(users, split, skip_unknown)  # checked now, before any output
         batches = range(0, len(uids), int(batch_size))
         if show_progress:
             from tqdm import tqdm
 
             batches = tqdm(batches, desc="recommend", unit="batch", total=len(batches), file=sys.stderr)
-        for start in batches:
-            yield self.topk_frame(uids[start:start + int(batch_size)], topk, split)
+        return (self.topk_frame(uids[start:start + int(batch_size)], topk, split) for start in batches)
 
 
 def _user_item_index(dataset):

@@ -147,13 +147,17 @@ def test_cli_writes_csv_and_jsonl(saved, monkeypatch, tmp_path):
     assert len(lines) == 8 and lines[0]["rank"] == 1
 
 
-def test_unknown_users_are_listed_and_nothing_is_written(saved, monkeypatch, tmp_path):
+def test_unknown_users_are_listed_and_nothing_is_written(saved, monkeypatch, tmp_path, capsys):
     checkpoint, folder = saved("SASRec")
     monkeypatch.chdir(tmp_path)
     known = sorted(_external_ids(folder, "user_id"))[0]
     with pytest.raises(SystemExit, match="nobody.*ghost"):
         main(["--recommend", f"--checkpoint={checkpoint}", f"--users={known},nobody,ghost", "--out=recs.csv"])
     assert not [p for p in os.listdir(tmp_path) if p.startswith("recs")]
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="nobody"):
+        main(["--recommend", f"--checkpoint={checkpoint}", f"--users={known},nobody"])  # CSV on stdout
+    assert capsys.readouterr().out == ""
     with pytest.raises(UnknownUsersError, match="2 not in dataset"):
         recbole_llm.recommend(checkpoint, users=[known, "nobody", "ghost"])
     frame = recbole_llm.recommend(checkpoint, users=[known, "nobody"], topk=2, skip_unknown=True)
