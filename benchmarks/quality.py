@@ -83,6 +83,9 @@ LASER_CONTROLS = {
     "collab_route": ({"sr_user_state": "predictive", "sr_item_state": "embedding", "prefix_init": "zero"},
                      "BERT4Rec's predictive state and item embeddings, zero-initialised prefix"),
     "allvalid": ({"valid_users": None}, "validation on every user, not a fixed 1,000"),
+    "prefix_zero": ({"prefix_init": "zero"}, "M-Former's output projection zero-initialised (the prefix starts at 0)"),
+    "prefix_token": ({"prefix_init": "token_scale"}, "M-Former's prefix starts at the scale of the LLM's tokens"),
+    "no_mformer_untrained": ({"use_mformer": False, "epochs": 0}, "w/o M-Former, untrained (0 epochs)"),
 }
 SERALM_ALIGNED_CONTROLS = {
     "nobaseline": ({"align_baseline": "none"}, "no baseline in the weight"),
