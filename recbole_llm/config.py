@@ -15,23 +15,9 @@ import numpy as np
 from recbole.config import Config as RecBoleConfig
 from recbole.utils import ModelType
 
-PLUGIN_MODEL_YAML_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "properties", "model")
-
-
-def plugin_model_yaml(model_name):
-    """Path of the plugin's default YAML for ``model_name`` (None when the plugin has none)."""
-    path = os.path.join(PLUGIN_MODEL_YAML_DIR, f"{model_name}.yaml")
-    return path if os.path.isfile(path) else None
-
-
-def config_get(config, key, default=None):
-    """``config[key]`` for a Config or a plain dict; ``default`` when the key is absent or None (~)."""
-    try:
-        value = config[key]
-    except (KeyError, TypeError):
-        return default
-    return default if value is None else value
-
+# re-exported: most modules read keys and find the YAMLs through recbole_llm.config
+from recbole_llm.keys import PLUGIN_MODEL_YAML_DIR, config_get, plugin_model_yaml  # noqa: F401
+from recbole_llm.validation import validate_config
 
 def apply_plugin_defaults(config, model_name):
     """Fill ``config`` with the plugin's YAML defaults for ``model_name`` when it was built by RecBole's own
@@ -82,8 +68,6 @@ class Config(RecBoleConfig):
     def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None, cmd_args=None):
         self._cmd_args = cmd_args
         super().__init__(model, dataset, config_file_list, config_dict)
-        from recbole_llm.validation import validate_config
-
         validate_config(self)
         settle = getattr(self.model_class, "settle_config", None)  # keys a model derives from others (Laser: epochs)
         if settle is not None:

@@ -1,0 +1,23 @@
+"""Where the plugin's model keys are written (one default YAML per model) and how any module reads a key.
+
+A leaf module: the plugin's Config and the checks it runs (validation) both import it.
+"""
+
+import os
+
+PLUGIN_MODEL_YAML_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "properties", "model")
+
+
+def plugin_model_yaml(model_name):
+    """Path of the plugin's default YAML for ``model_name`` (None when the plugin has none)."""
+    path = os.path.join(PLUGIN_MODEL_YAML_DIR, f"{model_name}.yaml")
+    return path if os.path.isfile(path) else None
+
+
+def config_get(config, key, default=None):
+    """``config[key]`` for a Config or a plain dict; ``default`` when the key is absent or None (~)."""
+    try:
+        value = config[key]
+    except (KeyError, TypeError):
+        return default
+    return default if value is None else value
