@@ -16,7 +16,7 @@ from recbole.config import Config as RecBoleConfig
 from recbole.utils import ModelType
 
 # re-exported: most modules read keys and find the YAMLs through recbole_llm.config
-from recbole_llm.keys import PLUGIN_MODEL_YAML_DIR, config_get, plugin_model_yaml  # noqa: F401
+from recbole_llm.keys import PLUGIN_MODEL_YAML_DIR, config_get, plugin_model_yaml, plugin_model_yamls  # noqa: F401
 from recbole_llm.validation import validate_config
 
 def apply_plugin_defaults(config, model_name):
@@ -27,14 +27,16 @@ def apply_plugin_defaults(config, model_name):
     if isinstance(config, Config) or getattr(config, "_plugin_defaults_applied", False):
         return  # a plugin Config already merged them; a subclass's call (PAUPSeRALM -> PAUP) must not override
     config._plugin_defaults_applied = True
-    path = plugin_model_yaml(model_name)
-    if path is None:
+    paths = plugin_model_yamls(model_name)
+    if not paths:
         return
     import yaml
 
     loader = getattr(config, "yaml_loader", None) or RecBoleConfig._build_yaml_loader(config)
-    with open(path) as f:
-        defaults = yaml.load(f, Loader=loader) or {}  # RecBole's loader: reads 1e-4 as a float
+    defaults = {}
+    for path in paths:
+        with open(path) as f:
+            defaults.update(yaml.load(f, Loader=loader) or {})  # RecBole's loader: reads 1e-4 as a float
     from recbole.utils.argument_list import dataset_arguments
 
     # The data and its loaders exist before the model does: keys they read (negative sampling, batch
@@ -94,8 +96,7 @@ class Config(RecBoleConfig):
     def _load_internal_config_dict(self, model, model_class, dataset):
         super()._load_internal_config_dict(model, model_class, dataset)
         # Plugin defaults come after RecBole's internal files; user files, dicts and flags still override them.
-        path = plugin_model_yaml(model)
-        if path is not None:
+        for path in plugin_model_yamls(model):
             self._update_internal_config_dict(path)
 
     def _set_default_parameters(self):

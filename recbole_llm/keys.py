@@ -8,10 +8,20 @@ import os
 PLUGIN_MODEL_YAML_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "properties", "model")
 
 
+# model name -> YAMLs of keys it shares with other models, loaded before its own
+SHARED_YAMLS = {name: ("SeRALM",) for name in ("CaserSeRALM", "SASRecSeRALM", "PAUPSeRALM", "LightSANsSeRALM")}
+
+
 def plugin_model_yaml(model_name):
     """Path of the plugin's default YAML for ``model_name`` (None when the plugin has none)."""
     path = os.path.join(PLUGIN_MODEL_YAML_DIR, f"{model_name}.yaml")
     return path if os.path.isfile(path) else None
+
+
+def plugin_model_yamls(model_name):
+    """Every plugin YAML holding defaults of ``model_name``, in load order: the shared ones, then its own."""
+    names = (*SHARED_YAMLS.get(model_name, ()), model_name)
+    return [path for path in map(plugin_model_yaml, names) if path is not None]
 
 
 def config_get(config, key, default=None):

@@ -151,7 +151,7 @@ def validate_config(config):
                 hints.append(f"'{key}'" + (f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""))
             raise ConfigError(
                 f"Unknown config key(s) for {config['model']}: {', '.join(hints)}. Keys are documented in "
-                f"recbole_llm/properties/model/{config['model']}.yaml; set allow_unknown_keys: True to pass "
+                f"recbole_llm/properties/model/{config['model']}.yaml (SeRALM variants: and SeRALM.yaml); set allow_unknown_keys: True to pass "
                 f"custom keys.")
     check_model_config(final, config.model_class)
     for key in RANGES:

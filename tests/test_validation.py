@@ -73,3 +73,18 @@ def test_the_checks_import_no_model():
         upward = sorted(m for m in imported if m.startswith(("recbole_llm.model", "recbole_llm.trainer",
                                                               "recbole_llm.config")))
         assert upward == [], f"{name} imports {upward}"
+
+
+def test_seralm_defaults_are_written_once():
+    """The knowledge and alignment keys live in SeRALM.yaml only; each variant's YAML holds its base model's keys."""
+    import yaml
+
+    from recbole_llm.keys import plugin_model_yaml, plugin_model_yamls
+
+    with open(plugin_model_yaml("SeRALM")) as f:
+        shared = set(yaml.safe_load(f))
+    for name in ("CaserSeRALM", "SASRecSeRALM", "PAUPSeRALM", "LightSANsSeRALM"):
+        with open(plugin_model_yaml(name)) as f:
+            assert not shared & set(yaml.safe_load(f)), name
+        assert plugin_model_yamls(name)[0] == plugin_model_yaml("SeRALM")
+        assert Config(name, "ml-100k", cmd_args=[])["knowledge_concat"] == "project"

@@ -94,11 +94,11 @@ def _model_yaml_keys(name):
     """Hyperparameter keys of a model: its RecBole YAML, or the plugin's."""
     import recbole
 
-    from recbole_llm.config import plugin_model_yaml
+    from recbole_llm.config import plugin_model_yamls
 
     keys = set()
     for path in (os.path.join(os.path.dirname(recbole.__file__), "properties", "model", f"{name}.yaml"),
-                 plugin_model_yaml(name)):
+                 *plugin_model_yamls(name)):
         if path and os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
                 keys.update((yaml.safe_load(f) or {}).keys())
