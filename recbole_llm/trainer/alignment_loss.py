@@ -38,7 +38,7 @@ def subtract_baseline(weights, baseline="leave_one_out"):
     depend on s_b, so E[grad log p(s_b)] * baseline = 0); ``none`` leaves w as the paper writes it. A batch of one
     has no other instance: its weight is kept."""
     if baseline not in ("leave_one_out", "none"):
-        raise ValueError(f"baseline must be 'leave_one_out' or 'none', got {baseline!r}.")
+        raise ValueError(f"align_baseline must be 'leave_one_out' or 'none', got {baseline!r}.")
     if baseline == "none" or weights.numel() < 2:
         return weights
     others = (weights.sum() - weights) / (weights.numel() - 1)

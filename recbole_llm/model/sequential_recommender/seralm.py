@@ -38,8 +38,9 @@ from recbole.model.sequential_recommender.caser import Caser
 from recbole.model.sequential_recommender.lightsans import LightSANs
 from recbole.model.sequential_recommender.sasrec import SASRec
 
-from recbole_llm.config import apply_plugin_defaults, config_get
+from recbole_llm.config import apply_plugin_defaults
 from recbole_llm.data.knowledge import GROUNDINGS, KNOWLEDGE_SOURCES
+from recbole_llm.keys import seralm_get
 from recbole_llm.model.sequential_recommender.paup import PAUP
 from recbole_llm.validation import (NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, PROBABILITY,
                                     check_model_config, check_softmax_training)
@@ -191,9 +192,9 @@ class SeRALMMixin:
             needs.add("llm")
         if config["train_text_encoder"]:
             needs.add("encoder")
-        if config_get(config, "alignment", False):  # read by the AlignmentTrainer
+        if seralm_get(config, "alignment"):  # read by the AlignmentTrainer
             needs |= {"item_text", "llm"}
-            if config_get(config, "generator_mode", "ray") == "ray":
+            if seralm_get(config, "generator_mode") == "ray":
                 needs.add("ray")
         return needs
 
@@ -334,7 +335,7 @@ class SeRALMMixin:
         encoder, tokenizer = load_text_encoder(cfg(config, "encoder_path"), device="cpu", dtype="float32")
         for param in encoder.parameters():
             param.requires_grad_(True)
-        if config_get(config, "text_encoder_checkpointing", False):
+        if seralm_get(config, "text_encoder_checkpointing"):
             _enable_activation_checkpointing(encoder)
         self.text_encoder = encoder
         self.text_tokenizer = tokenizer
