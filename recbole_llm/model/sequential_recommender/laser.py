@@ -324,7 +324,7 @@ class Laser(SequentialRecommender):
                 saved = bool(result.unexpected_keys)
                 raise RuntimeError(f"Laser.load_state_dict: the checkpoint has {'an' if saved else 'no'} M-Former "
                                    f"router bias and this Laser has {'one' if missing else 'none'}: set router_bias: "
-                                   f"{saved} to load it (Laser runs before 2026-11-30 had the bias; Eq. 5 has none)")
+                                   f"{saved} to load it (earlier versions of Laser had the bias; Eq. 5 has none)")
             raise RuntimeError(f"Laser.load_state_dict: missing keys {missing}, unexpected keys "
                                f"{result.unexpected_keys} (does the checkpoint match this config?)")
         # New weights: a cached item matrix no longer matches them (load_other_parameter, which follows in a
