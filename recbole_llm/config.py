@@ -16,6 +16,7 @@ from recbole.config import Config as RecBoleConfig
 from recbole.utils import ModelType
 
 # re-exported: most modules read keys and find the YAMLs through recbole_llm.config
+from recbole_llm.errors import ConfigError, UserInputError
 from recbole_llm.keys import PLUGIN_MODEL_YAML_DIR, config_get, plugin_model_yaml, plugin_model_yamls  # noqa: F401
 from recbole_llm.validation import validate_config
 
@@ -69,7 +70,12 @@ class Config(RecBoleConfig):
 
     def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None, cmd_args=None):
         self._cmd_args = cmd_args
-        super().__init__(model, dataset, config_file_list, config_dict)
+        try:
+            super().__init__(model, dataset, config_file_list, config_dict)
+        except UserInputError:
+            raise
+        except ValueError as err:  # RecBole's Config refuses the user's settings with plain ValueErrors
+            raise ConfigError(str(err)) from err
         validate_config(self)
         settle = getattr(self.model_class, "settle_config", None)  # keys a model derives from others (Laser: epochs)
         if settle is not None:
@@ -120,8 +126,6 @@ class Config(RecBoleConfig):
 
         asked = str(self.external_config_dict.get("device") or "")
         if asked.startswith("cuda") and not torch.cuda.is_available():
-            from recbole_llm.errors import ConfigError
-
             raise ConfigError(f"device={asked!r} asks for CUDA, but torch {torch.__version__} sees no CUDA device "
                               "(a CPU-only torch build or no GPU); use --device=cpu, or leave device unset "
                               "(RecBole then uses the GPU when there is one).")

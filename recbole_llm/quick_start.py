@@ -281,9 +281,10 @@ def main(argv=None):
         from recbole_llm.distributed import spawn_ddp
 
         return spawn_ddp(args, config_files, extra)
-    except (UserInputError, ValueError) as err:
-        # A user's mistake gets its message, not a traceback (RECBOLE_LLM_DEBUG=1 shows it).
-        if os.environ.get("RECBOLE_LLM_DEBUG") or (isinstance(err, ValueError) and not _is_user_error(err)):
+    except UserInputError as err:
+        # A user's mistake gets its message, not a traceback (RECBOLE_LLM_DEBUG=1 shows it); errors are typed where
+        # they are raised (recbole_llm.errors), RecBole's config ValueErrors by the plugin's Config.
+        if os.environ.get("RECBOLE_LLM_DEBUG"):
             raise
         raise SystemExit(f"error: {err}") from None
 
@@ -303,18 +304,6 @@ def cli(argv=None):
     """The ``recbole-llm`` console script: like ``main`` but returns None, so the wrapper's
     ``sys.exit(cli())`` exits 0 after a successful run (``sys.exit(dict)`` would print the dict and exit 1)."""
     main(argv)
-
-
-def _is_user_error(err):
-    """ValueErrors raised while reading the user's input (plugin lookups and RecBole's config checks)."""
-    if isinstance(err, UserInputError):
-        return True
-    frames = []
-    tb = err.__traceback__
-    while tb is not None:
-        frames.append(tb.tb_frame.f_code.co_filename)
-        tb = tb.tb_next
-    return any(f.endswith(("recbole_llm/utils.py", "recbole/config/configurator.py")) for f in frames[-2:])
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import importlib.util
 from recbole.utils import get_model as recbole_get_model
 from recbole.utils import get_trainer as recbole_get_trainer
 
+from recbole_llm.errors import ConfigError
 from recbole_llm.registry import PLUGIN_MODELS, PLUGIN_TRAINERS
 
 
@@ -16,7 +17,7 @@ def get_model(model_name):
     if _recbole_has_model(model_name):
         return recbole_get_model(model_name)
     known = ", ".join(sorted(PLUGIN_MODELS))
-    raise ValueError(
+    raise ConfigError(
         f"Unknown model '{model_name}': it is neither a recbole_llm model ({known}) nor a RecBole model."
     )
 
