@@ -12,7 +12,7 @@ import os
 
 import yaml
 
-from recbole_llm.data.locate import REPO_DIR
+from recbole_llm.data.locate import resource_roots
 from recbole_llm.errors import ConfigError
 from recbole_llm.keys import PLUGIN_MODEL_YAML_DIR, config_get
 from recbole_llm.registry import PLUGIN_MODELS
@@ -99,7 +99,7 @@ def known_keys():
         if name.endswith("_arguments") and isinstance(value, list):
             keys.update(value)
     roots = [os.path.join(os.path.dirname(recbole.__file__), "properties"), PLUGIN_MODEL_YAML_DIR,
-             os.path.join(REPO_DIR, "properties")]
+             *(os.path.join(root, "properties") for root in resource_roots())]
     for root in roots:
         for path in glob.glob(os.path.join(root, "**", "*.yaml"), recursive=True):
             try:
