@@ -17,6 +17,7 @@ from recbole.utils import ModelType
 
 # re-exported: most modules read keys and find the YAMLs through recbole_llm.config
 from recbole_llm.errors import ConfigError, UserInputError
+from recbole_llm.registry import get_model
 from recbole_llm.keys import PLUGIN_MODEL_YAML_DIR, config_get, plugin_model_yaml, plugin_model_yamls  # noqa: F401
 from recbole_llm.validation import validate_config
 
@@ -161,8 +162,6 @@ class Config(RecBoleConfig):
     def __setstate__(self, state):
         self.__dict__.update(state)
         self.yaml_loader = self._build_yaml_loader()
-        from recbole_llm.utils import get_model
-
         try:
             self.model_class = get_model(self.model)
         except ValueError:

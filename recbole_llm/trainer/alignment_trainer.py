@@ -131,7 +131,8 @@ def load_frozen_base(config, dataset):
     files' digest and the base's config. Reuses recbole_llm.model.frozen_sr's trainer/cache helpers (that
     module's loader is Laser-specific: BERT4Rec/SASRec only). Global RNG state is left as found."""
     from recbole_llm.config import Config
-    from recbole_llm.model.frozen_sr import cache_key, data_digest, preserved_rng, trained_recommender
+    from recbole_llm.fingerprint import data_digest
+    from recbole_llm.model.frozen_sr import cache_key, preserved_rng, trained_recommender
 
     name = base_model_name(config)
     values = frozen_base_config_dict(config, name)
