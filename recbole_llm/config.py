@@ -15,23 +15,11 @@ import numpy as np
 from recbole.config import Config as RecBoleConfig
 from recbole.utils import ModelType
 
-PLUGIN_MODEL_YAML_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "properties", "model")
-
-
-def plugin_model_yaml(model_name):
-    """Path of the plugin's default YAML for ``model_name`` (None when the plugin has none)."""
-    path = os.path.join(PLUGIN_MODEL_YAML_DIR, f"{model_name}.yaml")
-    return path if os.path.isfile(path) else None
-
-
-def config_get(config, key, default=None):
-    """``config[key]`` for a Config or a plain dict; ``default`` when the key is absent or None (~)."""
-    try:
-        value = config[key]
-    except (KeyError, TypeError):
-        return default
-    return default if value is None else value
-
+# re-exported: most modules read keys and find the YAMLs through recbole_llm.config
+from recbole_llm.errors import ConfigError, UserInputError
+from recbole_llm.registry import get_model
+from recbole_llm.keys import PLUGIN_MODEL_YAML_DIR, config_get, plugin_model_yaml, plugin_model_yamls  # noqa: F401
+from recbole_llm.validation import validate_config
 
 def apply_plugin_defaults(config, model_name):
     """Fill ``config`` with the plugin's YAML defaults for ``model_name`` when it was built by RecBole's own
@@ -41,14 +29,16 @@ def apply_plugin_defaults(config, model_name):
     if isinstance(config, Config) or getattr(config, "_plugin_defaults_applied", False):
         return  # a plugin Config already merged them; a subclass's call (PAUPSeRALM -> PAUP) must not override
     config._plugin_defaults_applied = True
-    path = plugin_model_yaml(model_name)
-    if path is None:
+    paths = plugin_model_yamls(model_name)
+    if not paths:
         return
     import yaml
 
     loader = getattr(config, "yaml_loader", None) or RecBoleConfig._build_yaml_loader(config)
-    with open(path) as f:
-        defaults = yaml.load(f, Loader=loader) or {}  # RecBole's loader: reads 1e-4 as a float
+    defaults = {}
+    for path in paths:
+        with open(path) as f:
+            defaults.update(yaml.load(f, Loader=loader) or {})  # RecBole's loader: reads 1e-4 as a float
     from recbole.utils.argument_list import dataset_arguments
 
     # The data and its loaders exist before the model does: keys they read (negative sampling, batch
@@ -81,9 +71,12 @@ class Config(RecBoleConfig):
 
     def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None, cmd_args=None):
         self._cmd_args = cmd_args
-        super().__init__(model, dataset, config_file_list, config_dict)
-        from recbole_llm.validation import validate_config
-
+        try:
+            super().__init__(model, dataset, config_file_list, config_dict)
+        except UserInputError:
+            raise
+        except ValueError as err:  # RecBole's Config refuses the user's settings with plain ValueErrors
+            raise ConfigError(str(err)) from err
         validate_config(self)
         settle = getattr(self.model_class, "settle_config", None)  # keys a model derives from others (Laser: epochs)
         if settle is not None:
@@ -110,8 +103,7 @@ class Config(RecBoleConfig):
     def _load_internal_config_dict(self, model, model_class, dataset):
         super()._load_internal_config_dict(model, model_class, dataset)
         # Plugin defaults come after RecBole's internal files; user files, dicts and flags still override them.
-        path = plugin_model_yaml(model)
-        if path is not None:
+        for path in plugin_model_yamls(model):
             self._update_internal_config_dict(path)
 
     def _set_default_parameters(self):
@@ -135,8 +127,6 @@ class Config(RecBoleConfig):
 
         asked = str(self.external_config_dict.get("device") or "")
         if asked.startswith("cuda") and not torch.cuda.is_available():
-            from recbole_llm.errors import ConfigError
-
             raise ConfigError(f"device={asked!r} asks for CUDA, but torch {torch.__version__} sees no CUDA device "
                               "(a CPU-only torch build or no GPU); use --device=cpu, or leave device unset "
                               "(RecBole then uses the GPU when there is one).")
@@ -172,8 +162,6 @@ class Config(RecBoleConfig):
     def __setstate__(self, state):
         self.__dict__.update(state)
         self.yaml_loader = self._build_yaml_loader()
-        from recbole_llm.utils import get_model
-
         try:
             self.model_class = get_model(self.model)
         except ValueError:

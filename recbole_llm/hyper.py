@@ -153,10 +153,10 @@ def run_ray(model, dataset, params_file, config_files=None, num_samples=4, cpus_
         if key in fixed:
             fixed[key] = os.path.abspath(fixed[key])
     if "data_path" not in fixed:
-        from recbole_llm.data.locate import REPO_DIR
+        from recbole_llm.data.locate import bundled_dataset_dir
 
-        bundled = os.path.join(REPO_DIR, "dataset")
-        fixed["data_path"] = bundled if os.path.isdir(os.path.join(bundled, dataset)) else os.path.abspath("dataset")
+        bundled = bundled_dataset_dir(dataset)
+        fixed["data_path"] = os.path.dirname(bundled) if bundled else os.path.abspath("dataset")
     if address:
         try:
             ray.init(address=address)

@@ -5,7 +5,6 @@ and a model profile picked automatically; a clear error for a missing dataset; s
 Ray imported only when a Ray Tune trial asks for it.
 """
 
-import argparse
 import logging
 import os
 import sys
@@ -18,7 +17,7 @@ from recbole.utils import get_environment, init_logger, init_seed, set_color
 from recbole_llm.checkpoint import load_checkpoint
 from recbole_llm.config import Config
 from recbole_llm.errors import ConfigError, UserInputError
-from recbole_llm.data.locate import PROFILES, check_dataset_available, default_config_files, resolve_profile
+from recbole_llm.data.locate import check_dataset_available, default_config_files, resolve_profile
 from recbole_llm.data.preparation import data_preparation
 from recbole_llm.preflight import DataFileError, check_run_inputs
 from recbole_llm.run_log import HeldLogFile
@@ -245,77 +244,3 @@ def load_data_and_model(model_file, trust_pickled_code=False):
     model.load_state_dict(checkpoint["state_dict"])
     model.load_other_parameter(checkpoint.get("other_parameter"))
     return config, model, dataset, train_data, valid_data, test_data
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Run a recbole_llm (or RecBole) model. Extra --key=value flags override config keys.")
-    parser.add_argument("--model", "-m", type=str, default="Laser", help="model name, e.g. Laser, SASRecSeRALM, SASRec")
-    parser.add_argument("--dataset", "-d", type=str, default="amazon-scientific", help="dataset name")
-    parser.add_argument("--config_files", type=str, default=None, help="space-separated config files")
-    parser.add_argument("--profile", type=str, default="auto", choices=PROFILES,
-                        help="model size profile: cpu (small, for 2-core runs), cpu-long (cpu plus a longer schedule, "
-                             "where a model has one), paper (the papers' sizes), auto = paper on CUDA, cpu otherwise; "
-                             "none = only the model YAML defaults")
-    parser.add_argument("--nproc", type=int, default=1, help="number of DDP processes on this machine")
-    parser.add_argument("--ip", type=str, default="localhost", help="master address for DDP")
-    parser.add_argument("--port", type=str, default="5678", help="master port for DDP")
-    parser.add_argument("--world_size", type=int, default=-1, help="total DDP processes (all nodes)")
-    parser.add_argument("--group_offset", type=int, default=0, help="global rank offset of this node")
-    return parser.parse_known_args(argv)
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if "--recommend" in argv or argv[:1] == ["recommend"]:
-        return _recommend(argv[1:] if argv[:1] == ["recommend"] else argv)
-    args, extra = parse_args(argv)
-    bad = [a for a in extra if not (a.startswith("--") and "=" in a)]
-    if bad:
-        raise SystemExit(f"error: unrecognised arguments {bad}; config keys are given as --key=value")
-    config_files = split_config_files(args.config_files)
-    try:
-        get_model(args.model)
-        if args.nproc == 1 and args.world_size <= 0:
-            return run_recbole_llm(args.model, args.dataset, config_files, cmd_args=extra, profile=args.profile)
-        from recbole_llm.distributed import spawn_ddp
-
-        return spawn_ddp(args, config_files, extra)
-    except (UserInputError, ValueError) as err:
-        # A user's mistake gets its message, not a traceback (RECBOLE_LLM_DEBUG=1 shows it).
-        if os.environ.get("RECBOLE_LLM_DEBUG") or (isinstance(err, ValueError) and not _is_user_error(err)):
-            raise
-        raise SystemExit(f"error: {err}") from None
-
-
-def _recommend(argv):
-    from recbole_llm.recommendations import main as recommend_main
-
-    try:
-        return recommend_main(argv)
-    except UserInputError as err:
-        if os.environ.get("RECBOLE_LLM_DEBUG"):
-            raise
-        raise SystemExit(f"error: {err}") from None
-
-
-def cli(argv=None):
-    """The ``recbole-llm`` console script: like ``main`` but returns None, so the wrapper's
-    ``sys.exit(cli())`` exits 0 after a successful run (``sys.exit(dict)`` would print the dict and exit 1)."""
-    main(argv)
-
-
-def _is_user_error(err):
-    """ValueErrors raised while reading the user's input (plugin lookups and RecBole's config checks)."""
-    if isinstance(err, UserInputError):
-        return True
-    frames = []
-    tb = err.__traceback__
-    while tb is not None:
-        frames.append(tb.tb_frame.f_code.co_filename)
-        tb = tb.tb_next
-    return any(f.endswith(("recbole_llm/utils.py", "recbole/config/configurator.py")) for f in frames[-2:])
-
-
-if __name__ == "__main__":
-    main()

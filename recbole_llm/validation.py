@@ -12,7 +12,10 @@ import os
 
 import yaml
 
+from recbole_llm.data.locate import resource_roots
 from recbole_llm.errors import ConfigError
+from recbole_llm.keys import PLUGIN_MODEL_YAML_DIR, config_get
+from recbole_llm.registry import PLUGIN_MODELS
 
 # Keys the plugin reads that are not model keys.
 PLUGIN_KEYS = {
@@ -41,88 +44,46 @@ PROBABILITY = _check(lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a nu
 FRACTION = _check(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1,
                   "a number in (0, 1] or ~")
 
+# Ranges of the keys any run of the plugin reads (data preparation, the LLM loader and workers, the trainers); a
+# model's own keys are declared by its class (``RANGES`` and ``CHOICES`` class attributes), see ``declared``.
 # key -> (check, expected); None values are allowed where the YAML documents ~ as a choice.
 RANGES = {
-    "n_experts": POSITIVE_INT,
-    "n_query_tokens": POSITIVE_INT,
-    "mformer_hidden_size": POSITIVE_INT,
-    "mformer_n_layers": POSITIVE_INT,
-    "mformer_n_heads": POSITIVE_INT,
-    "temperature": POSITIVE,
-    "lb_weight": NON_NEGATIVE,
-    "alpha": NON_NEGATIVE,
-    "refresh_every": POSITIVE_INT,
-    "align_resume_every": NON_NEGATIVE_INT,
     "llm_num_layers": POSITIVE_INT,
     "encode_batch_size": POSITIVE_INT,
-    "knowledge_batch_size": POSITIVE_INT,
     "llm_workers": POSITIVE_INT,
     "llm_worker_cpus": POSITIVE_INT,
-    "knowledge_max_new_tokens": POSITIVE_INT,
-    "knowledge_proj_size": POSITIVE_INT,
-    "knowledge_dropout": PROBABILITY,
-    "lora_r": POSITIVE_INT,
-    "llm_learning_rate": POSITIVE,
-    "stage1_epochs": NON_NEGATIVE,
-    "stage2_epochs": NON_NEGATIVE,
-    "train_samples_per_epoch": POSITIVE_INT,
     "train_data_ratio": FRACTION,
     "valid_users": POSITIVE_INT,
-    "sampled_negatives": NON_NEGATIVE,
-    "seg_num": POSITIVE_INT,
-    "kernel_size": POSITIVE_INT,
     "learning_rate": POSITIVE,
     "train_batch_size": POSITIVE_INT,
 }
 
 
-@functools.lru_cache(maxsize=1)
-def choices():
-    """key -> allowed values of the plugin's string switches, taken from the modules that read them (imported
-    lazily: they import this module). Checked at Config time so a typo stops the run before any file is written;
-    the models check their own keys again for configs built elsewhere (stock RecBole)."""
-    from recbole_llm.data.knowledge import GROUNDINGS, KNOWLEDGE_SOURCES
-    from recbole_llm.model.frozen_sr import SUPPORTED_SR
-    from recbole_llm.model.sequential_recommender.laser import (NO_MFORMER_PREFIXES, POOLINGS, PREFIX_INITS,
-                                                          SCORE_CENTERINGS, SR_ITEM_STATES, SR_USER_STATES,
-                                                          SUFFIX_INITS, TEMPLATES)
-    from recbole_llm.model.sequential_recommender.mformer import ROUTER_GRADIENTS
-    from recbole_llm.model.sequential_recommender.paup import POS_SCORE_SCALINGS
-    from recbole_llm.model.sequential_recommender.seralm import KNOWLEDGE_CANDIDATES, KNOWLEDGE_CONCATS
-    from recbole_llm.trainer.alignment_loss import BASELINES
-    from recbole_llm.trainer.alignment_trainer import GENERATOR_MODES, KL_ESTIMATORS
-
-    return {
-        "pooling": POOLINGS,
-        "template": tuple(TEMPLATES),
-        "suffix_init": SUFFIX_INITS,
-        "no_mformer_prefix": NO_MFORMER_PREFIXES,
-        "score_centering": SCORE_CENTERINGS,
-        "sr_user_state": SR_USER_STATES,
-        "sr_item_state": SR_ITEM_STATES,
-        "prefix_init": PREFIX_INITS,
-        "router_gradient": ROUTER_GRADIENTS,
-        "pos_score_scaling": POS_SCORE_SCALINGS,
-        "frozen_sr_model": SUPPORTED_SR,
-        "knowledge_source": (*KNOWLEDGE_SOURCES, "checkpoint"),  # checkpoint: read by the SeRALM models themselves
-        "generator_mode": GENERATOR_MODES,
-        "kl_estimator": KL_ESTIMATORS,
-        "align_baseline": BASELINES,
-        "knowledge_concat": KNOWLEDGE_CONCATS,
-        "knowledge_grounding": GROUNDINGS,
-        "knowledge_candidates": KNOWLEDGE_CANDIDATES,
-    }
+def declared(model_class, attribute):
+    """The ``attribute`` dicts (``CHOICES``: key -> allowed values; ``RANGES``: key -> (check, expected)) that
+    ``model_class`` and its bases declare, merged with the nearest class winning. A model declares the switches it
+    reads; a class without them (stock RecBole models) declares nothing."""
+    table = {}
+    for cls in reversed(getattr(model_class, "__mro__", ())):
+        table.update(cls.__dict__.get(attribute) or {})
+    return table
 
 
-def check_choices(config, keys=None):
-    """ConfigError for a string switch (``keys``, default all of :func:`choices`) set to a value it does not take."""
-    from recbole_llm.config import config_get
-
-    table = choices()
-    for key in keys or table:
+def check_choices(config, model_class):
+    """ConfigError for a string switch that ``model_class`` declares set to a value it does not take."""
+    for key, allowed in declared(model_class, "CHOICES").items():
         value = config_get(config, key)
-        if value is not None and value not in table[key]:
-            raise ConfigError(f"Config key '{key}' = {value!r} is not one of {', '.join(map(repr, table[key]))}.")
+        if value is not None and value not in allowed:
+            raise ConfigError(f"Config key '{key}' = {value!r} is not one of {', '.join(map(repr, allowed))}.")
+
+
+def check_model_config(config, model_class):
+    """The switches and ranges ``model_class`` declares, checked on ``config`` (a Config or a dict). Called by the
+    plugin's Config before anything is written, and by the model's constructor for a config built elsewhere
+    (stock RecBole's Config)."""
+    check_choices(config, model_class)
+    for key, rule in declared(model_class, "RANGES").items():
+        _check_rule(key, config_get(config, key), rule)
 
 
 @functools.lru_cache(maxsize=1)
@@ -131,8 +92,6 @@ def known_keys():
     import recbole
     from recbole.utils import argument_list
 
-    from recbole_llm.config import PLUGIN_MODEL_YAML_DIR
-    from recbole_llm.data.locate import REPO_DIR
 
     keys = set(PLUGIN_KEYS)
     for name in dir(argument_list):
@@ -140,7 +99,7 @@ def known_keys():
         if name.endswith("_arguments") and isinstance(value, list):
             keys.update(value)
     roots = [os.path.join(os.path.dirname(recbole.__file__), "properties"), PLUGIN_MODEL_YAML_DIR,
-             os.path.join(REPO_DIR, "properties")]
+             *(os.path.join(root, "properties") for root in resource_roots())]
     for root in roots:
         for path in glob.glob(os.path.join(root, "**", "*.yaml"), recursive=True):
             try:
@@ -168,8 +127,6 @@ def check_softmax_training(config, model_name, softmax_loss=True):
     as the next item, so sampled negatives would silently train as positives. RecBole raises for its own
     CE-loss models; models that declare ``input_type`` skip that check, so the plugin's models make it here.
     """
-    from recbole_llm.config import config_get
-
     value = config_get(config, "train_neg_sample_args")
     if softmax_loss and _samples_negatives(value):
         raise ConfigError(
@@ -181,8 +138,6 @@ def check_softmax_training(config, model_name, softmax_loss=True):
 
 def validate_config(config):
     """Raise ConfigError for unknown user keys (plugin models only) and out-of-range values."""
-    from recbole_llm.registry import PLUGIN_MODELS
-
     final = config.final_config_dict
     if config["model"] in PLUGIN_MODELS:
         check_softmax_training(config, config["model"], softmax_loss=final.get("loss_type", "CE") == "CE")
@@ -196,16 +151,19 @@ def validate_config(config):
                 hints.append(f"'{key}'" + (f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""))
             raise ConfigError(
                 f"Unknown config key(s) for {config['model']}: {', '.join(hints)}. Keys are documented in "
-                f"recbole_llm/properties/model/{config['model']}.yaml; set allow_unknown_keys: True to pass "
+                f"recbole_llm/properties/model/{config['model']}.yaml (SeRALM variants: and SeRALM.yaml); set allow_unknown_keys: True to pass "
                 f"custom keys.")
-    if config["model"] in PLUGIN_MODELS:
-        check_choices(config)
+    check_model_config(final, config.model_class)
     for key in RANGES:
         check_range(key, final.get(key))
 
 
 def check_range(key, value):
     """ConfigError for a value of ``key`` outside its RANGES entry; None passes (~ where the YAML documents it)."""
-    predicate, expected = RANGES[key]
+    _check_rule(key, value, RANGES[key])
+
+
+def _check_rule(key, value, rule):
+    predicate, expected = rule
     if value is not None and not predicate(value):
         raise ConfigError(f"Config key '{key}' = {value!r} is out of range: expected {expected}.")

@@ -59,7 +59,7 @@ class Workspace:
 
     def main(self, monkeypatch, model, *flags):
         """``main()`` in this process; returns (exit message, files written)."""
-        from recbole_llm.quick_start import main
+        from recbole_llm.cli import main
 
         config_file = self._write_config()
         before = _tree(self.root)
@@ -223,7 +223,7 @@ def _damage_vectors(folder):
     (_damage_vectors, "cannot be read"),
 ])
 def test_corrupt_cache_file_is_named_and_nothing_is_written(ws, monkeypatch, damage, message):
-    from recbole_llm.quick_start import main
+    from recbole_llm.cli import main
 
     monkeypatch.chdir(ws.run_dir)
     monkeypatch.setenv("RECBOLE_LLM_CACHE", str(ws.cache_dir))
@@ -260,7 +260,7 @@ def test_a_dataset_recbole_downloads_itself_is_left_to_recbole(tmp_path):
 # ---------------------------------------------------------------- --config_files (found by review: tracebacks)
 
 def _main_config_files(monkeypatch, tmp_path, value):
-    from recbole_llm.quick_start import main
+    from recbole_llm.cli import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("RECBOLE_LLM_DEBUG", raising=False)
@@ -295,8 +295,9 @@ def test_empty_config_file_counts_as_no_settings(tmp_path):
 
 def test_config_files_split_on_any_whitespace(monkeypatch, tmp_path):
     import recbole_llm.quick_start as quick_start
+    from recbole_llm.cli import main
 
     seen = {}
     monkeypatch.setattr(quick_start, "run_recbole_llm", lambda model, dataset, files, **kw: seen.update(files=files))
-    quick_start.main(["--model=SASRec", "--dataset=ml-100k", "--config_files= a.yaml  b.yaml\tc.yaml "])
+    main(["--model=SASRec", "--dataset=ml-100k", "--config_files= a.yaml  b.yaml\tc.yaml "])
     assert seen["files"] == ["a.yaml", "b.yaml", "c.yaml"]

@@ -51,7 +51,7 @@ def test_recbole_models_get_a_safe_checkpoint_trainer():
 
 def test_config_merges_plugin_yaml_below_user_values(tmp_path, monkeypatch):
     (tmp_path / "SASRec.yaml").write_text("plugin_only_key: 7\nhidden_size: 24\n")
-    monkeypatch.setattr("recbole_llm.config.PLUGIN_MODEL_YAML_DIR", str(tmp_path))
+    monkeypatch.setattr("recbole_llm.keys.PLUGIN_MODEL_YAML_DIR", str(tmp_path))
     config = Config("SASRec", "ml-100k", config_dict={"hidden_size": 32, "train_neg_sample_args": None}, cmd_args=[])
     assert config["plugin_only_key"] == 7
     assert config["hidden_size"] == 32  # the user's value wins over the plugin default

@@ -18,7 +18,7 @@ from tests import helpers_laser, helpers_seralm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVER = ("import json, sys\n"
-          "from recbole_llm.quick_start import main\n"
+          "from recbole_llm.cli import main\n"
           "result = main(sys.argv[1:])\n"
           "print('RESULT ' + json.dumps({k: float(v) for k, v in result['test_result'].items()}))\n")
 

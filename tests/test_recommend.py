@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import recbole_llm
-from recbole_llm.quick_start import load_data_and_model, main, run_recbole_llm
+from recbole_llm.cli import main
+from recbole_llm.quick_start import load_data_and_model, run_recbole_llm
 from recbole_llm.recommendations import ChangedDataError, Recommender, UnknownUsersError
 from tests import helpers_laser, helpers_seralm
 

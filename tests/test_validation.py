@@ -44,3 +44,47 @@ def test_cli_reports_a_bad_value_without_traceback(tmp_path):
     assert proc.returncode != 0
     assert "n_experts" in proc.stderr and "Traceback" not in proc.stderr
     assert not os.path.exists(tmp_path / "saved")
+
+
+def test_each_model_class_declares_its_switches_and_a_variant_inherits_its_bases():
+    from recbole_llm.model.sequential_recommender.paup import PAUP
+    from recbole_llm.model.sequential_recommender.seralm import PAUPSeRALM, SASRecSeRALM
+    from recbole_llm.validation import declared
+
+    choices = declared(PAUPSeRALM, "CHOICES")
+    assert choices["pos_score_scaling"] == PAUP.CHOICES["pos_score_scaling"]  # from PAUP
+    assert "knowledge_concat" in choices and "generator_mode" in choices  # from the SeRALM mixin
+    assert "pos_score_scaling" not in declared(SASRecSeRALM, "CHOICES")
+    assert "seg_num" in declared(PAUPSeRALM, "RANGES")
+    with pytest.raises(ConfigError, match="'pos_score_scaling' = 'double' is not one of"):
+        Config("PAUPSeRALM", "ml-100k", config_dict={"pos_score_scaling": "double"}, cmd_args=[])
+
+
+def test_the_checks_import_no_model():
+    """validation reads what each model class declares: it imports no model or trainer module (at the top or in a
+    function), so none of them is imported back by the checks they call."""
+    import ast
+
+    for name in ("validation.py", "keys.py"):
+        with open(os.path.join(REPO, "recbole_llm", name)) as f:
+            tree = ast.parse(f.read())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        upward = sorted(m for m in imported if m.startswith(("recbole_llm.model", "recbole_llm.trainer",
+                                                              "recbole_llm.config")))
+        assert upward == [], f"{name} imports {upward}"
+
+
+def test_seralm_defaults_are_written_once():
+    """The knowledge and alignment keys live in SeRALM.yaml only; each variant's YAML holds its base model's keys."""
+    import yaml
+
+    from recbole_llm.keys import plugin_model_yaml, plugin_model_yamls
+
+    with open(plugin_model_yaml("SeRALM")) as f:
+        shared = set(yaml.safe_load(f))
+    for name in ("CaserSeRALM", "SASRecSeRALM", "PAUPSeRALM", "LightSANsSeRALM"):
+        with open(plugin_model_yaml(name)) as f:
+            assert not shared & set(yaml.safe_load(f)), name
+        assert plugin_model_yamls(name)[0] == plugin_model_yaml("SeRALM")
+        assert Config(name, "ml-100k", cmd_args=[])["knowledge_concat"] == "project"

@@ -42,7 +42,8 @@ def is_missing(value):
     return isinstance(value, str) and value in PANDAS_NA_STRINGS
 
 
-def _format_float(value):
+def _lossless_float(value):
+    """A float written so that reading it back gives the same float (repr), integers without a decimal point."""
     value = float(value)
     return str(int(value)) if value.is_integer() and abs(value) < 2 ** 53 else repr(value)
 
@@ -51,7 +52,7 @@ def _format_value(name, ftype, value, seq_separator):
     if ftype == "token":
         return "" if is_missing(value) else str(value)
     if ftype == "float":
-        return "" if is_missing(value) else _format_float(value)
+        return "" if is_missing(value) else _lossless_float(value)
     if value is None:
         return ""
     if isinstance(value, str):
@@ -59,7 +60,7 @@ def _format_value(name, ftype, value, seq_separator):
     parts = []
     for element in value:
         if ftype == "float_seq":
-            parts.append(_format_float(element))
+            parts.append(_lossless_float(element))
             continue
         element = str(element)
         if is_missing(element):

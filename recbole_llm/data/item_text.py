@@ -59,7 +59,8 @@ def find_title_field(dataset):
     )
 
 
-def _format_float(value):
+def _display_float(value):
+    """A float as an item text shows it: short (%g), not lossless (the atomic writer's job)."""
     value = float(value)
     return str(int(value)) if value.is_integer() else f"{value:g}"
 
@@ -103,9 +104,9 @@ def item_attributes(dataset, fields=None):
                 if tokens:
                     attrs[item][field] = tokens
             elif ftype == FeatureType.FLOAT:
-                attrs[item][field] = _format_float(value)
+                attrs[item][field] = _display_float(value)
             elif ftype == FeatureType.FLOAT_SEQ:
-                values = [_format_float(v) for v in value]
+                values = [_display_float(v) for v in value]
                 if values:
                     attrs[item][field] = values
     return attrs

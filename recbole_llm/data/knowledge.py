@@ -25,10 +25,10 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from recbole_llm.config import config_get
 from recbole_llm.errors import CorruptFileError
 from recbole_llm.faults import kill_point
 from recbole_llm.fileio import atomic_path, build_lock
+from recbole_llm.keys import seralm_get
 from recbole_llm.llm.workers import WorkerPool, set_worker_threads, worker_settings
 
 logger = logging.getLogger(__name__)
@@ -36,25 +36,7 @@ logger = logging.getLogger(__name__)
 KNOWLEDGE_SOURCES = ("llm", "item_text")
 GROUNDINGS = ("none", "joint")
 
-DEFAULTS = {
-    "knowledge_source": "llm",
-    "knowledge_max_new_tokens": 64,  # as the SeRALM YAMLs
-    "knowledge_batch_size": 32,
-    "knowledge_repetition_penalty": 1.2,
-    "knowledge_encoder_max_length": 128,
-    "knowledge_shared_prefix": True,
-    "llm_path": None,
-    "llm_num_layers": None,
-    "encoder_path": None,
-    "knowledge_cache_dir": None,
-    "knowledge_grounding": "none",
-    "llm_workers": 1,
-}
-
-
-def cfg(config, key):
-    """``config[key]`` for a RecBole Config or a plain dict, falling back to this module's defaults."""
-    return config_get(config, key, DEFAULTS.get(key))
+cfg = seralm_get  # ``config[key]`` for a RecBole Config or a plain dict, falling back to SeRALM.yaml's default
 
 
 def _digest(obj, n=16):

@@ -1,11 +1,35 @@
-"""Where datasets and the YAMLs that go with them are found, and a clear error when they are not."""
+"""Where datasets and the YAMLs that go with them are found, and a clear error when they are not.
+
+The search path for ``properties/`` (dataset YAMLs, CPU profiles, hyperparameter files) and the bundled
+``dataset/``, first match wins: the working directory; ``$RECBOLE_LLM_HOME``; the source checkout the package runs
+from (an editable install); ``<prefix>/share/recbole_llm``, where a wheel or ``pip install .`` puts them
+(setup.cfg ``data_files``), so a non-editable install finds them from any directory.
+"""
 
 import os
+import sys
 
 from recbole_llm.errors import DataNotFoundError
 
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO_DIR = os.path.dirname(PACKAGE_DIR)
+SHARE_DIR = os.path.join(sys.prefix, "share", "recbole_llm")
+
+
+def resource_roots():
+    """The folders after the working directory that may hold ``properties/`` and ``dataset/``, in search order."""
+    roots = [os.environ.get("RECBOLE_LLM_HOME"), REPO_DIR, SHARE_DIR]
+    return [root for root in dict.fromkeys(roots) if root and os.path.isdir(root)]
+
+
+def find_resource(*parts, directory=False):
+    """The first ``<root>/<parts>`` on the search path (the working directory first), or None."""
+    check = os.path.isdir if directory else os.path.isfile
+    for root in (os.curdir, *resource_roots()):
+        path = os.path.join(root, *parts)
+        if check(path):
+            return path
+    return None
 
 # Datasets whose raw files must be fetched on a machine with internet (see recbole_llm.data.amazon2018).
 FETCHABLE = {
@@ -14,25 +38,23 @@ FETCHABLE = {
 }
 
 
-def _first_existing(*paths):
-    for path in paths:
-        if path and os.path.isfile(path):
-            return path
-    return None
-
-
 def dataset_yaml(dataset):
-    """``properties/dataset/<dataset>.yaml`` from the working directory or the source checkout."""
-    name = f"{dataset}.yaml"
-    return _first_existing(os.path.join("properties", "dataset", name),
-                           os.path.join(REPO_DIR, "properties", "dataset", name))
+    """``properties/dataset/<dataset>.yaml`` from the search path (see the module docstring)."""
+    return find_resource("properties", "dataset", f"{dataset}.yaml")
 
 
 def profile_yaml(model, profile):
     """``properties/model/<Model>-<profile>.yaml`` when that profile exists for the model."""
-    name = f"{model}-{profile}.yaml"
-    return _first_existing(os.path.join("properties", "model", name),
-                           os.path.join(REPO_DIR, "properties", "model", name))
+    return find_resource("properties", "model", f"{model}-{profile}.yaml")
+
+
+def bundled_dataset_dir(dataset):
+    """The folder of a dataset shipped with the package (``dataset/<name>/<name>.inter``), or None."""
+    for root in resource_roots():
+        folder = os.path.join(root, "dataset", dataset)
+        if os.path.isfile(os.path.join(folder, f"{dataset}.inter")):
+            return folder
+    return None
 
 
 PROFILES = ("auto", "cpu", "cpu-long", "paper", "none")
@@ -86,8 +108,8 @@ def check_dataset_available(config):
     inter = os.path.join(config["data_path"], f"{dataset}.inter")
     if os.path.isfile(inter):
         return
-    bundled = os.path.join(REPO_DIR, "dataset", dataset)
-    if os.path.isfile(os.path.join(bundled, f"{dataset}.inter")):
+    bundled = bundled_dataset_dir(dataset)
+    if bundled:
         config["data_path"] = bundled
         return
     if dataset in FETCHABLE:

@@ -16,7 +16,7 @@ users and RecBole's evaluator. ``~`` validates on every user.
 import torch
 from recbole.data import data_preparation as recbole_data_preparation
 
-from recbole_llm.config import config_get
+from recbole_llm.keys import config_get
 from recbole_llm.validation import check_range
 
 

@@ -30,12 +30,13 @@ def _device(model):
     return next(model.parameters()).device
 
 
-def _stop_ids(model, tokenizer):
+def stop_ids(model, tokenizer):
+    """Sorted token ids that end a generated text: the generation config's EOS ids and the tokenizer's."""
     ids = set()
     for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
         if value is not None:
             ids.update(value if isinstance(value, (list, tuple)) else [value])
-    return ids
+    return sorted(ids)
 
 
 def _add_special_tokens(tokenizer, prompts):
@@ -44,10 +45,10 @@ def _add_special_tokens(tokenizer, prompts):
     return not (bos and all(p.startswith(bos) for p in prompts))
 
 
-def _trim(gen, stop_ids):
+def _trim(gen, stops):
     """Cut a generated row after its first stop token (kept: the model chose to stop)."""
     for position, token in enumerate(gen.tolist()):
-        if token in stop_ids:
+        if token in stops:
             return gen[: position + 1]
     return gen
 
@@ -66,9 +67,9 @@ def generate_with_ids(model, tokenizer, prompts, max_new_tokens=64, batch_size=3
     if not prompts:
         return []
     device = _device(model)
-    stop_ids = _stop_ids(model, tokenizer)
+    stops = stop_ids(model, tokenizer)
     options = dict(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty, do_sample=do_sample,
-                   pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(stop_ids) or None)
+                   pad_token_id=tokenizer.pad_token_id, eos_token_id=stops or None)
     if do_sample:
         # top_k=0: transformers fills an unset top_k with 50, which would truncate p(s|x); the alignment scores
         # samples under the full softmax, so they must come from it (only temperature/top_p shape it, on request).
@@ -91,7 +92,7 @@ def generate_with_ids(model, tokenizer, prompts, max_new_tokens=64, batch_size=3
             width = batch["input_ids"].size(1)
             for row, i in enumerate(index):
                 prompt_ids = batch["input_ids"][row][batch["attention_mask"][row].bool()].cpu()
-                gen_ids = _trim(out[row, width:].cpu(), stop_ids)
+                gen_ids = _trim(out[row, width:].cpu(), set(stops))
                 text = tokenizer.decode(gen_ids, skip_special_tokens=True).strip()
                 results[i] = {"text": text, "prompt_ids": prompt_ids, "gen_ids": gen_ids}
     return results

@@ -8,20 +8,21 @@ import hashlib
 import torch
 
 from recbole_llm.config import config_get
+from recbole_llm.keys import seralm_get
 
 
 def lora_config_from(config):
     """peft LoraConfig from ``lora_r``, ``lora_alpha``, ``lora_dropout``, ``lora_target_modules``."""
     from peft import LoraConfig
 
-    targets = config_get(config, "lora_target_modules", ["q_proj", "v_proj"])
+    targets = seralm_get(config, "lora_target_modules")
     if isinstance(targets, str):
         targets = [targets]
-    r = int(config_get(config, "lora_r", 8))
+    r = int(seralm_get(config, "lora_r"))
     if r <= 0:
         raise ValueError(f"lora_r must be a positive integer, got {r}.")
-    return LoraConfig(r=r, lora_alpha=float(config_get(config, "lora_alpha", 16)),
-                      lora_dropout=float(config_get(config, "lora_dropout", 0.05)),
+    return LoraConfig(r=r, lora_alpha=float(seralm_get(config, "lora_alpha")),
+                      lora_dropout=float(seralm_get(config, "lora_dropout")),
                       target_modules=list(targets), bias="none", task_type="CAUSAL_LM")
 
 
@@ -35,7 +36,7 @@ def build_lora_llm(config, device=None, dtype="auto"):
 
     llm, tokenizer = load_causal_lm(config_get(config, "llm_path"), device=device, dtype=dtype,
                                     num_layers=config_get(config, "llm_num_layers"),
-                                    trust_remote_code=bool(config_get(config, "llm_trust_remote_code", False)))
+                                    trust_remote_code=bool(seralm_get(config, "llm_trust_remote_code")))
     seed = int(config_get(config, "seed", 0))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # LoRA A init is random: same seed, same adapter in trainer and actor

@@ -13,20 +13,14 @@ import inspect
 
 import torch
 
+from recbole_llm.llm.generate import stop_ids
+
 
 def _cache_name(model):
     """The forward's key/value-cache argument, which is also the output's field: transformers 5 renamed
     ``past_key_values`` to ``cache`` (5.24 warns on the old name; it is to go in 5.40), and setup.cfg allows both."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper takes **kwargs
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-
-def _stop_ids(model, tokenizer):
-    ids = set()
-    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
-        if value is not None:
-            ids.update(value if isinstance(value, (list, tuple)) else [value])
-    return sorted(ids)
 
 
 def _penalise(scores, seen, penalty):
@@ -71,7 +65,7 @@ def prefix_shared_generate(model, tokenizer, prefix, suffixes, max_new_tokens=64
     seen = torch.zeros((batch, vocab), dtype=torch.bool, device=device)
     seen[:, prefix_ids[0].clamp(max=vocab - 1)] = True
     seen.scatter_(1, ids.clamp(max=vocab - 1), suffix_mask.bool())
-    stop = torch.tensor(_stop_ids(model, tokenizer), dtype=torch.long, device=device)
+    stop = torch.tensor(stop_ids(model, tokenizer), dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     next_position = positions[:, -1:] + 1
     generated = []

@@ -21,6 +21,7 @@ from torch import nn
 
 from recbole_llm.checkpoint import atomic_torch_save, load_checkpoint
 from recbole_llm.fileio import build_lock
+from recbole_llm.fingerprint import data_digest
 
 SUPPORTED_SR = ("BERT4Rec", "SASRec")
 
@@ -70,31 +71,6 @@ def sr_config_dict(config):
     # RecBole's final data_path already ends with the dataset folder; the SR's Config appends it again.
     values["data_path"] = os.path.dirname(os.path.normpath(config["data_path"]))
     return values
-
-
-def data_files(config):
-    """(suffix, path) of the dataset's atomic files that exist: .inter, .item, .user, and the pre-split
-    ``<dataset>.<part>.inter`` files of ``benchmark_filename``."""
-    folder, name = config["data_path"], config["dataset"]
-    parts = config["benchmark_filename"] if "benchmark_filename" in config else None
-    candidates = [(suffix, os.path.join(folder, f"{name}.{suffix}"))
-                  for suffix in ["inter", "item", "user"] + [f"{part}.inter" for part in parts or []]]
-    return [(suffix, path) for suffix, path in candidates if os.path.isfile(path)]
-
-
-def data_digest(config):
-    """sha256 (16 hex) of the dataset's atomic files (see ``data_files``)."""
-    files = data_files(config)
-    if not files:
-        raise FileNotFoundError(f"no atomic files for dataset '{config['dataset']}' under data_path "
-                                f"'{config['data_path']}'")
-    digest = hashlib.sha256()
-    for suffix, path in files:
-        digest.update(suffix.encode())
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def cache_key(values, digest):

@@ -54,6 +54,7 @@ from recbole_llm.config import config_get
 from recbole_llm.errors import ConfigError
 from recbole_llm.faults import kill_point
 from recbole_llm.fileio import atomic_path
+from recbole_llm.keys import seralm_get
 from recbole_llm.trainer.alignment_loss import alignment_llm_loss, importance_weights
 from recbole_llm.trainer.alignment_resume import (
     alignment_state_path,
@@ -75,8 +76,6 @@ from recbole_llm.llm.lora import build_lora_llm, load_lora_state, lora_state, st
 from recbole_llm.trainer.resume import capture_random_state, restore_random_state, run_fingerprint
 from recbole_llm.trainer.safe import SafeCheckpointMixin
 
-GENERATOR_MODES = ("sync", "ray")
-KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 # --------------------------------------------------------------------------- frozen base recommender
@@ -96,11 +95,11 @@ def _model_yaml_keys(name):
     """Hyperparameter keys of a model: its RecBole YAML, or the plugin's."""
     import recbole
 
-    from recbole_llm.config import plugin_model_yaml
+    from recbole_llm.config import plugin_model_yamls
 
     keys = set()
     for path in (os.path.join(os.path.dirname(recbole.__file__), "properties", "model", f"{name}.yaml"),
-                 plugin_model_yaml(name)):
+                 *plugin_model_yamls(name)):
         if path and os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
                 keys.update((yaml.safe_load(f) or {}).keys())
@@ -132,7 +131,8 @@ def load_frozen_base(config, dataset):
     files' digest and the base's config. Reuses recbole_llm.model.frozen_sr's trainer/cache helpers (that
     module's loader is Laser-specific: BERT4Rec/SASRec only). Global RNG state is left as found."""
     from recbole_llm.config import Config
-    from recbole_llm.model.frozen_sr import cache_key, data_digest, preserved_rng, trained_recommender
+    from recbole_llm.fingerprint import data_digest
+    from recbole_llm.model.frozen_sr import cache_key, preserved_rng, trained_recommender
 
     name = base_model_name(config)
     values = frozen_base_config_dict(config, name)
@@ -171,24 +171,20 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
 
     def __init__(self, config, model):
         super().__init__(config, model)
-        self.alignment = bool(config_get(config, "alignment", True))
-        self.alpha = float(config_get(config, "alpha", 0.1))
+        self.alignment = bool(seralm_get(config, "alignment"))
+        self.alpha = float(seralm_get(config, "alpha"))
         ratio_clip = config_get(config, "align_ratio_clip")
         self.ratio_clip = None if ratio_clip is None else float(ratio_clip)
-        self.kl_estimator = config_get(config, "kl_estimator", "k2")
+        self.kl_estimator = seralm_get(config, "kl_estimator")
         self.baseline = config["align_baseline"] or "none"
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}.")
-        self.generator_mode = config_get(config, "generator_mode", "ray")  # the YAMLs' default
-        if self.generator_mode not in GENERATOR_MODES:
-            raise ValueError(f"generator_mode must be one of {GENERATOR_MODES}, got {self.generator_mode!r}.")
-        self.refresh_every = int(config_get(config, "refresh_every", 50))
+        self.generator_mode = seralm_get(config, "generator_mode")  # the YAMLs' default
+        self.refresh_every = int(seralm_get(config, "refresh_every"))
         self.llm = self.tokenizer = None
         self.adapter_version = None
         self.aligned = False
         self.alignment_log = []  # per step: losses, weights, timings
         self.alignment_state_file = alignment_state_path(config)
-        self.align_resume_every = int(config_get(config, "align_resume_every", 50))
+        self.align_resume_every = int(seralm_get(config, "align_resume_every"))
         self._write_alignment_state = False
         self._alignment_resume = None  # the loaded state of an interrupted alignment
         self._last_snapshot = None  # (lora, rec_state) last sent to the generator
@@ -234,7 +230,7 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
         dataset = train_data._dataset
         resumed, self._alignment_resume = self._alignment_resume, None
         if resumed is None:
-            warmup = int(config_get(self.config, "align_warmup_epochs", 1))
+            warmup = int(seralm_get(self.config, "align_warmup_epochs"))
             for epoch in range(warmup):
                 loss = self._train_epoch(train_data, epoch, show_progress=show_progress)
                 self.logger.info(set_color(f"alignment phase A (warm-up) epoch {epoch}", "green") + f": loss {loss}")
@@ -256,7 +252,7 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
         steps = config_get(self.config, "alignment_steps")
         if steps is not None:
             return int(steps)
-        return int(config_get(self.config, "alignment_epochs", 1)) * len(train_data)
+        return int(seralm_get(self.config, "alignment_epochs")) * len(train_data)
 
     def make_generator(self, dataset, frozen_base):
         from recbole_llm.data.knowledge import grounding_prefixes
@@ -273,8 +269,8 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
                 gpus = 0.5 if self.device.type == "cuda" else 0
             return RayGenerator(self.config, prompts, self.model, frozen_base, encode, options, self.refresh_every,
                                 ray_address=config_get(self.config, "ray_address"),
-                                num_cpus=int(config_get(self.config, "generator_num_cpus", 1)), num_gpus=gpus,
-                                prefetch=int(config_get(self.config, "generator_prefetch", 2)),
+                                num_cpus=int(seralm_get(self.config, "generator_num_cpus")), num_gpus=gpus,
+                                prefetch=int(seralm_get(self.config, "generator_prefetch")),
                                 dtype=self.llm.get_input_embeddings().weight.dtype)
         return SyncGenerator(self.llm, self.tokenizer, prompts, self.model, frozen_base, encode, options,
                              self.refresh_every)
@@ -294,9 +290,9 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
             return
         frozen_base = load_frozen_base(self.config, dataset)
         params = [p for p in self.llm.parameters() if p.requires_grad]
-        llm_optimizer = torch.optim.AdamW(params, lr=float(config_get(self.config, "llm_learning_rate", 1e-4)),
+        llm_optimizer = torch.optim.AdamW(params, lr=float(seralm_get(self.config, "llm_learning_rate")),
                                           weight_decay=0.0)
-        depth = 1 + (int(config_get(self.config, "generator_prefetch", 2)) if self.generator_mode == "ray" else 0)
+        depth = 1 + (int(seralm_get(self.config, "generator_prefetch")) if self.generator_mode == "ray" else 0)
         seed = int(self.config["seed"])
         pending = deque()
         first = resumed["step"] if resumed is not None else 0
@@ -337,7 +333,7 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
                     record.update(step=step, generator_wait_s=waited, step_s=time.perf_counter() - start)
                     self.alignment_log.append(record)
                     bar.update(1)
-                    if step % max(1, int(config_get(self.config, "align_log_every", 50))) == 0 or step == total - 1:
+                    if step % max(1, int(seralm_get(self.config, "align_log_every"))) == 0 or step == total - 1:
                         self.logger.info(set_color(f"alignment step {step}/{total}", "green") + ": " + ", ".join(
                             f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float)))
         finally:
@@ -393,7 +389,7 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
         # Line 6 / Eq. 8: the LLM's weighted log-likelihood of s plus the per-token KL penalty.
         self.llm.train()
         token_logps = sequence_logprobs(self.llm, sample["prompt_ids"], sample["gen_ids"],
-                                        batch_size=int(config_get(self.config, "align_generation_batch_size", 32)),
+                                        batch_size=int(seralm_get(self.config, "align_generation_batch_size")),
                                         pad_token_id=self.tokenizer.pad_token_id)
         weights = importance_weights(sample["logp_rec_s"], sample["logp_rec_base"], self.ratio_clip)
         llm_loss, stats = alignment_llm_loss(token_logps, sample["orig_token_logps"], weights,

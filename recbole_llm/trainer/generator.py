@@ -37,7 +37,7 @@ from collections import deque
 import torch
 import torch.nn.functional as F
 
-from recbole_llm.config import config_get
+from recbole_llm.keys import seralm_get
 from recbole_llm.llm.lora import build_lora_llm, state_digest
 from recbole_llm.llm.workers import start_ray, stop_ray
 from recbole_llm.trainer.alignment_loss import membership_matrix
@@ -272,16 +272,16 @@ def _lora_values_by_param(model, lora):
 
 def generator_options(config):
     """The sampling/selection options of the generator job from the config (see SeRALM YAMLs)."""
-    count = int(config_get(config, "align_history_items", 1))
+    count = int(seralm_get(config, "align_history_items"))
     if count < 1:
         raise ValueError(f"align_history_items must be >= 1, got {count}.")
     return {
         "history_items": count,
-        "max_new_tokens": int(config_get(config, "align_max_new_tokens", config_get(config, "knowledge_max_new_tokens", 64))),
-        "temperature": float(config_get(config, "align_temperature", 1.0)),
-        "top_p": float(config_get(config, "align_top_p", 1.0)),
-        "repetition_penalty": float(config_get(config, "align_repetition_penalty", 1.0)),
-        "gen_batch_size": int(config_get(config, "align_generation_batch_size", 32)),
+        "max_new_tokens": int(seralm_get(config, "align_max_new_tokens")),
+        "temperature": float(seralm_get(config, "align_temperature")),
+        "top_p": float(seralm_get(config, "align_top_p")),
+        "repetition_penalty": float(seralm_get(config, "align_repetition_penalty")),
+        "gen_batch_size": int(seralm_get(config, "align_generation_batch_size")),
     }
 
 

@@ -16,6 +16,8 @@ import random
 import numpy as np
 import torch
 
+from recbole_llm.fingerprint import data_digest, data_files
+
 # Keys that change how a run is executed or reported but not what it computes.
 RUNTIME_KEYS = {
     "resume", "resume_checkpoint", "local_rank", "device", "gpu_id", "use_gpu", "show_progress", "state",
@@ -29,9 +31,7 @@ _DATA_DIGESTS = {}  # (files and their size/mtime) -> digest: hashing the data o
 
 
 def data_files_digest(config):
-    """``frozen_sr.data_digest`` of the dataset's atomic files, so a resume never continues on changed data."""
-    from recbole_llm.model.frozen_sr import data_digest, data_files
-
+    """``fingerprint.data_digest`` of the dataset's atomic files, so a resume never continues on changed data."""
     key = tuple((os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino)
                 for path, st in ((path, os.stat(path)) for _, path in data_files(config)))
     if key not in _DATA_DIGESTS:

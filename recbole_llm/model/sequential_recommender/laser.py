@@ -54,9 +54,9 @@ from recbole_llm.faults import kill_point
 from recbole_llm.llm.encode import hidden_states_from_embeds, last_hidden_from_embeds
 from recbole_llm.llm.loader import hidden_size, input_embeddings, load_causal_lm
 from recbole_llm.llm.workers import WorkerPool, set_worker_threads, worker_settings
-from recbole_llm.model.frozen_sr import load_frozen_sr
-from recbole_llm.model.sequential_recommender.mformer import LearnedPrefix, LinearPrefix, MFormer
-from recbole_llm.validation import check_choices, check_softmax_training
+from recbole_llm.model.frozen_sr import SUPPORTED_SR, load_frozen_sr
+from recbole_llm.model.sequential_recommender.mformer import ROUTER_GRADIENTS, LearnedPrefix, LinearPrefix, MFormer
+from recbole_llm.validation import NON_NEGATIVE, POSITIVE, POSITIVE_INT, check_model_config, check_softmax_training
 
 USER_INSTRUCTION = ("You are an intelligent recommendation assistant. Please summarize the user's characteristics "
                     "into a single token based on the browsing history. In chronological order, the user has "
@@ -135,6 +135,33 @@ def stage_epochs(config):
 class Laser(SequentialRecommender):
     input_type = InputType.POINTWISE
 
+    # the switches and ranges of Laser's keys (recbole_llm.validation reads these)
+    CHOICES = {
+        "pooling": POOLINGS,
+        "template": tuple(TEMPLATES),
+        "suffix_init": SUFFIX_INITS,
+        "no_mformer_prefix": NO_MFORMER_PREFIXES,
+        "score_centering": SCORE_CENTERINGS,
+        "sr_user_state": SR_USER_STATES,
+        "sr_item_state": SR_ITEM_STATES,
+        "prefix_init": PREFIX_INITS,
+        "router_gradient": ROUTER_GRADIENTS,
+        "frozen_sr_model": SUPPORTED_SR,
+    }
+    RANGES = {
+        "n_experts": POSITIVE_INT,
+        "n_query_tokens": POSITIVE_INT,
+        "mformer_hidden_size": POSITIVE_INT,
+        "mformer_n_layers": POSITIVE_INT,
+        "mformer_n_heads": POSITIVE_INT,
+        "temperature": POSITIVE,
+        "lb_weight": NON_NEGATIVE,
+        "stage1_epochs": NON_NEGATIVE,
+        "stage2_epochs": NON_NEGATIVE,
+        "train_samples_per_epoch": POSITIVE_INT,
+        "sampled_negatives": NON_NEGATIVE,
+    }
+
     @classmethod
     def run_inputs(cls, config):
         """What a run loads besides the atomic files (checked by recbole_llm.preflight before anything is written)."""
@@ -176,8 +203,7 @@ class Laser(SequentialRecommender):
         self.sr_user_state = config["sr_user_state"] or "positions"
         self.sr_item_state = config["sr_item_state"] or "history"
         self.sampled_negatives = config["sampled_negatives"] or 0
-        check_choices(config, ("pooling", "template", "suffix_init", "no_mformer_prefix", "score_centering",
-                               "sr_user_state", "sr_item_state", "prefix_init"))
+        check_model_config(config, type(self))  # again here: a config built by stock RecBole's Config
         if config["init_checkpoint"] and not os.path.isfile(config["init_checkpoint"]):  # before any slow set-up
             raise DataNotFoundError(f"init_checkpoint '{config['init_checkpoint']}' does not exist; expected a Laser "
                                     "checkpoint such as saved/Laser-<time>.pth.")
@@ -298,7 +324,7 @@ class Laser(SequentialRecommender):
                 saved = bool(result.unexpected_keys)
                 raise RuntimeError(f"Laser.load_state_dict: the checkpoint has {'an' if saved else 'no'} M-Former "
                                    f"router bias and this Laser has {'one' if missing else 'none'}: set router_bias: "
-                                   f"{saved} to load it (Laser runs before 2026-11-30 had the bias; Eq. 5 has none)")
+                                   f"{saved} to load it (earlier versions of Laser had the bias; Eq. 5 has none)")
             raise RuntimeError(f"Laser.load_state_dict: missing keys {missing}, unexpected keys "
                                f"{result.unexpected_keys} (does the checkpoint match this config?)")
         # New weights: a cached item matrix no longer matches them (load_other_parameter, which follows in a

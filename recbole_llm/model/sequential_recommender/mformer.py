@@ -13,7 +13,7 @@ Choices where the paper is silent (documented here and in Laser.yaml):
   a Switch-Transformer-style gradient from the recommendation loss. ``lb_only``: the router learns from L_LB only.
 - L_LB (Eq. 9-11) is computed per user over that user's N real items and averaged over the batch.
 - The router is ``Linear(d_i, K)`` without a bias, as Eq. 5 (m(u) = C_u W_r^T). ``router_bias: True`` adds a
-  per-expert bias: what every run before 2026-11-30 had, so their checkpoints load with it.
+  per-expert bias: what earlier versions of the plugin had, so their checkpoints load with it.
 - Size: at the paper's settings (K=8, L=32, d_m=768, 12 blocks, FFN 3072, d_llm=4096) this M-Former has 96.1M
   parameters; the paper reports 183.3M trainable in all. The gap is about the size of a BLIP-2 Q-Former's extra
   parts (separate query FFNs, BERT-base embeddings), which the paper may have started from; it does not say.

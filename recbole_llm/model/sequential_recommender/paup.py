@@ -63,7 +63,7 @@ from torch import nn
 
 from recbole_llm.config import apply_plugin_defaults
 from recbole_llm.errors import ConfigError
-from recbole_llm.validation import check_softmax_training
+from recbole_llm.validation import POSITIVE_INT, check_model_config, check_softmax_training
 
 
 POS_SCORE_SCALINGS = ("official", "single")
@@ -242,9 +242,13 @@ class PAUP(SequentialRecommender):
     input_type = InputType.POINTWISE
     input_type_follows_loss_type = True
 
+    CHOICES = {"pos_score_scaling": POS_SCORE_SCALINGS}  # recbole_llm.validation reads these
+    RANGES = {"seg_num": POSITIVE_INT, "kernel_size": POSITIVE_INT}
+
     def __init__(self, config, dataset):
         apply_plugin_defaults(config, "PAUP")  # stock RecBole Config does not know the plugin YAML
         check_softmax_training(config, type(self).__name__, softmax_loss=config["loss_type"] == "CE")
+        check_model_config(config, type(self))  # again here: a config built by stock RecBole's Config
         if config["loss_type"] == "BPR" and config["MODEL_INPUT_TYPE"] != InputType.PAIRWISE:
             raise ConfigError(f"{type(self).__name__} with loss_type BPR needs pairwise training data, which RecBole's "
                               "own Config cannot know to build for a plugin model: run it through recbole_llm "

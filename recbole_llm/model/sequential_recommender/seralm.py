@@ -38,12 +38,18 @@ from recbole.model.sequential_recommender.caser import Caser
 from recbole.model.sequential_recommender.lightsans import LightSANs
 from recbole.model.sequential_recommender.sasrec import SASRec
 
-from recbole_llm.config import apply_plugin_defaults, config_get
+from recbole_llm.config import apply_plugin_defaults
+from recbole_llm.data.knowledge import GROUNDINGS, KNOWLEDGE_SOURCES
+from recbole_llm.keys import seralm_get
 from recbole_llm.model.sequential_recommender.paup import PAUP
-from recbole_llm.validation import check_softmax_training
+from recbole_llm.validation import (NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, PROBABILITY,
+                                    check_model_config, check_softmax_training)
 
 KNOWLEDGE_CONCATS = ("project", "split", "widen")  # see the module docstring
 KNOWLEDGE_CANDIDATES = ("id", "fused")
+GENERATOR_MODES = ("sync", "ray")  # read by the AlignmentTrainer
+KL_ESTIMATORS = ("k1", "k2", "k3")
+ALIGN_BASELINES = ("leave_one_out", "none")
 
 
 class KnowledgeItemEmbedding(nn.Module):
@@ -153,6 +159,28 @@ class SeRALMMixin:
     # plugin YAML, accepts the model without a loss_type key.
     input_type = InputType.POINTWISE
 
+    # the switches of the knowledge and the alignment (recbole_llm.validation reads these)
+    CHOICES = {
+        "knowledge_source": (*KNOWLEDGE_SOURCES, "checkpoint"),  # checkpoint: the vectors a checkpoint holds
+        "knowledge_concat": KNOWLEDGE_CONCATS,
+        "knowledge_candidates": KNOWLEDGE_CANDIDATES,
+        "knowledge_grounding": GROUNDINGS,
+        "generator_mode": GENERATOR_MODES,
+        "kl_estimator": KL_ESTIMATORS,
+        "align_baseline": ALIGN_BASELINES,
+    }
+    RANGES = {
+        "alpha": NON_NEGATIVE,
+        "refresh_every": POSITIVE_INT,
+        "align_resume_every": NON_NEGATIVE_INT,
+        "knowledge_batch_size": POSITIVE_INT,
+        "knowledge_max_new_tokens": POSITIVE_INT,
+        "knowledge_proj_size": POSITIVE_INT,
+        "knowledge_dropout": PROBABILITY,
+        "lora_r": POSITIVE_INT,
+        "llm_learning_rate": POSITIVE,
+    }
+
     @classmethod
     def run_inputs(cls, config):
         """What a run loads besides the atomic files (checked by recbole_llm.preflight before anything is written):
@@ -164,9 +192,9 @@ class SeRALMMixin:
             needs.add("llm")
         if config["train_text_encoder"]:
             needs.add("encoder")
-        if config_get(config, "alignment", False):  # read by the AlignmentTrainer
+        if seralm_get(config, "alignment"):  # read by the AlignmentTrainer
             needs |= {"item_text", "llm"}
-            if config_get(config, "generator_mode", "ray") == "ray":
+            if seralm_get(config, "generator_mode") == "ray":
                 needs.add("ray")
         return needs
 
@@ -175,6 +203,7 @@ class SeRALMMixin:
     def __init__(self, config, dataset):
         apply_plugin_defaults(config, type(self).__name__)  # stock RecBole Config does not know the plugin YAML
         check_softmax_training(config, type(self).__name__)  # always CE, whatever loss_type says (checked below)
+        check_model_config(config, type(self))  # again here: a config built by stock RecBole's Config
         concat = config["knowledge_concat"]
         if concat == "widen":
             # Build the base model wider for this call only: the config (logged, saved, read by the frozen base
@@ -306,7 +335,7 @@ class SeRALMMixin:
         encoder, tokenizer = load_text_encoder(cfg(config, "encoder_path"), device="cpu", dtype="float32")
         for param in encoder.parameters():
             param.requires_grad_(True)
-        if config_get(config, "text_encoder_checkpointing", False):
+        if seralm_get(config, "text_encoder_checkpointing"):
             _enable_activation_checkpointing(encoder)
         self.text_encoder = encoder
         self.text_tokenizer = tokenizer

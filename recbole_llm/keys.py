@@ -1,0 +1,55 @@
+"""Where the plugin's model keys are written (one default YAML per model) and how any module reads a key.
+
+A leaf module: the plugin's Config and the checks it runs (validation) both import it.
+"""
+
+import functools
+import os
+import re
+
+import yaml
+
+PLUGIN_MODEL_YAML_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "properties", "model")
+
+
+# model name -> YAMLs of keys it shares with other models, loaded before its own
+SHARED_YAMLS = {name: ("SeRALM",) for name in ("CaserSeRALM", "SASRecSeRALM", "PAUPSeRALM", "LightSANsSeRALM")}
+
+
+def plugin_model_yaml(model_name):
+    """Path of the plugin's default YAML for ``model_name`` (None when the plugin has none)."""
+    path = os.path.join(PLUGIN_MODEL_YAML_DIR, f"{model_name}.yaml")
+    return path if os.path.isfile(path) else None
+
+
+def plugin_model_yamls(model_name):
+    """Every plugin YAML holding defaults of ``model_name``, in load order: the shared ones, then its own."""
+    names = (*SHARED_YAMLS.get(model_name, ()), model_name)
+    return [path for path in map(plugin_model_yaml, names) if path is not None]
+
+
+@functools.lru_cache(maxsize=None)
+def yaml_defaults(name):
+    """The keys and values of the plugin YAML ``name`` (e.g. "SeRALM"), for code that must also take a plain dict
+    config: its fallbacks come from the YAML, the one place a default is written. Floats as RecBole reads them
+    (``1e-4`` is a float, not a string)."""
+    loader = type("FloatLoader", (yaml.SafeLoader,), {})
+    loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+(?:[eE][-+]?[0-9]+)?)$"),
+        list("-+0123456789."))
+    with open(plugin_model_yaml(name)) as f:
+        return dict(yaml.load(f, Loader=loader) or {})
+
+
+def seralm_get(config, key):
+    """``config[key]``, or SeRALM.yaml's default when the config (a plain dict) lacks it."""
+    return config_get(config, key, yaml_defaults("SeRALM").get(key))
+
+
+def config_get(config, key, default=None):
+    """``config[key]`` for a Config or a plain dict; ``default`` when the key is absent or None (~)."""
+    try:
+        value = config[key]
+    except (KeyError, TypeError):
+        return default
+    return default if value is None else value
