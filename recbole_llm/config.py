@@ -15,11 +15,12 @@ import numpy as np
 from recbole.config import Config as RecBoleConfig
 from recbole.utils import ModelType
 
-# re-exported: most modules read keys and find the YAMLs through recbole_llm.config
 from recbole_llm.errors import ConfigError, UserInputError
-from recbole_llm.registry import get_model
+# re-exported: most modules read keys and find the YAMLs through recbole_llm.config
 from recbole_llm.keys import PLUGIN_MODEL_YAML_DIR, config_get, plugin_model_yaml, plugin_model_yamls  # noqa: F401
+from recbole_llm.registry import get_model
 from recbole_llm.validation import validate_config
+
 
 def apply_plugin_defaults(config, model_name):
     """Fill ``config`` with the plugin's YAML defaults for ``model_name`` when it was built by RecBole's own
