@@ -5,9 +5,9 @@ A leaf module: the plugin's Config and the checks it runs (validation) both impo
 
 import functools
 import os
-import re
 
 import yaml
+from recbole.config import Config as RecBoleConfig
 
 PLUGIN_MODEL_YAML_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "properties", "model")
 
@@ -31,14 +31,10 @@ def plugin_model_yamls(model_name):
 @functools.lru_cache(maxsize=None)
 def yaml_defaults(name):
     """The keys and values of the plugin YAML ``name`` (e.g. "SeRALM"), for code that must also take a plain dict
-    config: its fallbacks come from the YAML, the one place a default is written. Floats as RecBole reads them
-    (``1e-4`` is a float, not a string)."""
-    loader = type("FloatLoader", (yaml.SafeLoader,), {})
-    loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
-        r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+(?:[eE][-+]?[0-9]+)?)$"),
-        list("-+0123456789."))
+    config: its fallbacks come from the YAML, the one place a default is written. Read with RecBole's loader, as the
+    Config reads it (``1e-4`` is a float, not a string)."""
     with open(plugin_model_yaml(name)) as f:
-        return dict(yaml.load(f, Loader=loader) or {})
+        return dict(yaml.load(f, Loader=RecBoleConfig._build_yaml_loader(None)) or {})
 
 
 def seralm_get(config, key):

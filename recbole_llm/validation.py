@@ -14,7 +14,7 @@ import yaml
 
 from recbole_llm.data.locate import resource_roots
 from recbole_llm.errors import ConfigError
-from recbole_llm.keys import PLUGIN_MODEL_YAML_DIR, config_get
+from recbole_llm.keys import PLUGIN_MODEL_YAML_DIR, config_get, plugin_model_yamls
 from recbole_llm.registry import PLUGIN_MODELS
 
 # Keys the plugin reads that are not model keys.
@@ -92,7 +92,6 @@ def known_keys():
     import recbole
     from recbole.utils import argument_list
 
-
     keys = set(PLUGIN_KEYS)
     for name in dir(argument_list):
         value = getattr(argument_list, name)
@@ -145,14 +144,15 @@ def validate_config(config):
         known = known_keys()
         unknown = sorted(k for k in config.external_config_dict if k not in known)
         if unknown:
+            documented = plugin_model_yamls(config["model"])
             hints = []
             for key in unknown:
                 close = difflib.get_close_matches(key, known, n=2)
                 hints.append(f"'{key}'" + (f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""))
             raise ConfigError(
                 f"Unknown config key(s) for {config['model']}: {', '.join(hints)}. Keys are documented in "
-                f"recbole_llm/properties/model/{config['model']}.yaml (SeRALM variants: and SeRALM.yaml); set allow_unknown_keys: True to pass "
-                f"custom keys.")
+                f"{' and '.join('recbole_llm/properties/model/' + os.path.basename(p) for p in documented)}; set "
+                f"allow_unknown_keys: True to pass custom keys.")
     check_model_config(final, config.model_class)
     for key in RANGES:
         check_range(key, final.get(key))

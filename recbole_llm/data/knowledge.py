@@ -36,9 +36,6 @@ logger = logging.getLogger(__name__)
 KNOWLEDGE_SOURCES = ("llm", "item_text")
 GROUNDINGS = ("none", "joint")
 
-cfg = seralm_get  # ``config[key]`` for a RecBole Config or a plain dict, falling back to SeRALM.yaml's default
-
-
 def _digest(obj, n=16):
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:n]
 
@@ -67,17 +64,17 @@ def file_fingerprint(path):
 
 def llm_identity(config):
     """What makes two LLMs generate the same text: file fingerprint and kept layers."""
-    path = cfg(config, "llm_path")
+    path = seralm_get(config, "llm_path")
     if path is None:
         from recbole_llm.llm.loader import bundled_llm_gguf
 
         path = bundled_llm_gguf()
     return {"llm": os.path.basename(os.path.normpath(str(path))), "llm_fingerprint": file_fingerprint(path),
-            "llm_num_layers": cfg(config, "llm_num_layers")}
+            "llm_num_layers": seralm_get(config, "llm_num_layers")}
 
 
 def encoder_identity(config):
-    path = cfg(config, "encoder_path")
+    path = seralm_get(config, "encoder_path")
     if path is None:
         from recbole_llm.llm.loader import bundled_encoder_dir
 
@@ -95,7 +92,7 @@ def compute_dtype(config):
 
 
 def knowledge_cache_dir(config):
-    directory = cfg(config, "knowledge_cache_dir")
+    directory = seralm_get(config, "knowledge_cache_dir")
     if directory is None:
         from recbole_llm.llm.loader import cache_dir
 
@@ -197,8 +194,8 @@ def item_source_texts(dataset, config):
 def generation_settings(config):
     from recbole_llm.llm.prompts import knowledge_template_digest
 
-    return {"max_new_tokens": int(cfg(config, "knowledge_max_new_tokens")),
-            "repetition_penalty": float(cfg(config, "knowledge_repetition_penalty")),
+    return {"max_new_tokens": int(seralm_get(config, "knowledge_max_new_tokens")),
+            "repetition_penalty": float(seralm_get(config, "knowledge_repetition_penalty")),
             "do_sample": False, "prompt": knowledge_template_digest()}
 
 
@@ -229,7 +226,7 @@ def _default_generate_fn(llm, tokenizer, config):
     from recbole_llm.llm.prompts import knowledge_prompt_parts
 
     settings = generation_settings(config)
-    prefix = knowledge_prompt_parts(tokenizer)[0] if cfg(config, "knowledge_shared_prefix") else None
+    prefix = knowledge_prompt_parts(tokenizer)[0] if seralm_get(config, "knowledge_shared_prefix") else None
 
     def generate(prompts):
         if prefix and all(p.startswith(prefix) and len(p) > len(prefix) for p in prompts):
@@ -243,13 +240,15 @@ def _default_generate_fn(llm, tokenizer, config):
     return generate
 
 
-def load_knowledge_llm(config):
-    """The LLM named by the config (llm_path / llm_num_layers) on the config's device."""
+def load_knowledge_llm(config, device=None):
+    """The LLM named by the config (llm_path / llm_num_layers) on ``device``, by default the config's."""
     from recbole_llm.llm.loader import load_causal_lm
 
-    device = config["device"] if "device" in config else None
-    return load_causal_lm(cfg(config, "llm_path"), device=device, num_layers=cfg(config, "llm_num_layers"),
-                          trust_remote_code=bool(cfg(config, "llm_trust_remote_code") or False))
+    if device is None:
+        device = config["device"] if "device" in config else None
+    return load_causal_lm(seralm_get(config, "llm_path"), device=device,
+                          num_layers=seralm_get(config, "llm_num_layers"),
+                          trust_remote_code=bool(seralm_get(config, "llm_trust_remote_code")))
 
 
 def generate_knowledge(dataset, config, llm=None, tokenizer=None, adapter_version="base", generate_fn=None,
@@ -286,7 +285,7 @@ def _generate_missing(cache, source_texts, config, llm, tokenizer, generate_fn, 
     todo = [i for i in range(1, len(source_texts)) if i not in done]
     if todo:
         todo.sort(key=lambda i: len(source_texts[i]))  # similar lengths batch with less padding
-        batch_size = int(cfg(config, "knowledge_batch_size"))
+        batch_size = int(seralm_get(config, "knowledge_batch_size"))
         batches = [todo[begin:begin + batch_size] for begin in range(0, len(todo), batch_size)]
         workers = worker_settings(config)
         logger.info(f"Generating knowledge for {len(todo)} items ({len(done)} cached) into {cache.partial_path}"
@@ -340,11 +339,7 @@ class KnowledgeWorker:
         set_worker_threads(num_cpus)
         device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray shows a worker only the GPUs it was given
         if lora is None:
-            from recbole_llm.llm.loader import load_causal_lm
-
-            llm, tokenizer = load_causal_lm(cfg(config, "llm_path"), device=device,
-                                            num_layers=cfg(config, "llm_num_layers"),
-                                            trust_remote_code=bool(cfg(config, "llm_trust_remote_code") or False))
+            llm, tokenizer = load_knowledge_llm(config, device=device)
         else:
             from recbole_llm.llm.lora import build_lora_llm, load_lora_state
 
@@ -365,7 +360,7 @@ def vectors_path(texts, config):
     from recbole_llm.llm.loader import package_version
 
     key = _digest({"texts": _digest(list(texts), 32), **encoder_identity(config), "encoder_dtype": compute_dtype(config),
-                   "max_length": int(cfg(config, "knowledge_encoder_max_length")), "normalize": True,
+                   "max_length": int(seralm_get(config, "knowledge_encoder_max_length")), "normalize": True,
                    "package_version": package_version()})
     return os.path.join(knowledge_cache_dir(config), f"vectors-{key}.safetensors")
 
@@ -426,7 +421,7 @@ def _encode_and_save(texts, config, encoder, path, progress):
 
     # The padding item (row 0) and items whose knowledge came out empty get a zero vector.
     texts = [""] + list(texts[1:])
-    max_length = int(cfg(config, "knowledge_encoder_max_length"))
+    max_length = int(seralm_get(config, "knowledge_encoder_max_length"))
     workers = worker_settings(config)
     if workers[0] > 1 and encoder is None:
         vectors = _encode_on_workers(texts, config, max_length, workers, progress)
@@ -435,7 +430,7 @@ def _encode_and_save(texts, config, encoder, path, progress):
             from recbole_llm.llm.loader import load_text_encoder
 
             device = config["device"] if "device" in config else None
-            encoder = load_text_encoder(cfg(config, "encoder_path"), device=device)
+            encoder = load_text_encoder(seralm_get(config, "encoder_path"), device=device)
         model, tokenizer = encoder
         vectors = encode_texts(model, tokenizer, texts, max_length, progress=progress)
     vectors = vectors.contiguous()
@@ -465,7 +460,7 @@ class EncoderWorker:
         from recbole_llm.llm.loader import load_text_encoder
 
         set_worker_threads(num_cpus)
-        self.model, self.tokenizer = load_text_encoder(cfg(config, "encoder_path"),
+        self.model, self.tokenizer = load_text_encoder(seralm_get(config, "encoder_path"),
                                                        device="cuda" if torch.cuda.is_available() else "cpu")
 
     def encode(self, start, texts, max_length):
@@ -475,7 +470,7 @@ class EncoderWorker:
 def grounding_prefixes(dataset, config):
     """What ``knowledge_grounding`` puts before each item's knowledge text before encoding, by item id: the item's
     own text (``joint``), or None (``none``, the paper: the knowledge alone)."""
-    mode = cfg(config, "knowledge_grounding")
+    mode = seralm_get(config, "knowledge_grounding")
     if mode not in GROUNDINGS:
         raise ValueError(f"knowledge_grounding={mode!r} is not supported; expected one of {GROUNDINGS}.")
     return item_source_texts(dataset, config) if mode == "joint" else None
@@ -493,7 +488,7 @@ def knowledge_texts(dataset, config, adapter_version="base"):
     """Texts whose vectors feed the model, by item id: LLM knowledge (grounded in the item's own text with
     ``knowledge_grounding: joint``), or the items' own text (``knowledge_source: item_text``, a cheap baseline that
     needs no LLM)."""
-    source = cfg(config, "knowledge_source")
+    source = seralm_get(config, "knowledge_source")
     if source not in KNOWLEDGE_SOURCES:
         raise ValueError(f"knowledge_source={source!r} is not supported; expected one of {KNOWLEDGE_SOURCES}.")
     if source == "item_text":

@@ -22,12 +22,11 @@ def resource_roots():
     return [root for root in dict.fromkeys(roots) if root and os.path.isdir(root)]
 
 
-def find_resource(*parts, directory=False):
-    """The first ``<root>/<parts>`` on the search path (the working directory first), or None."""
-    check = os.path.isdir if directory else os.path.isfile
+def find_resource(*parts):
+    """The first file ``<root>/<parts>`` on the search path (the working directory first), or None."""
     for root in (os.curdir, *resource_roots()):
         path = os.path.join(root, *parts)
-        if check(path):
+        if os.path.isfile(path):
             return path
     return None
 

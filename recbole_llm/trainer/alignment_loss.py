@@ -32,13 +32,16 @@ def importance_weights(logp_rec_s, logp_rec_base, ratio_clip=None):
     return weights
 
 
+BASELINES = ("leave_one_out", "none")
+
+
 def subtract_baseline(weights, baseline="leave_one_out"):
     """The policy-gradient weights with a baseline subtracted (a variance reduction that keeps the estimator
     unbiased): ``leave_one_out`` subtracts from each w_b the mean of the other instances' weights (it does not
     depend on s_b, so E[grad log p(s_b)] * baseline = 0); ``none`` leaves w as the paper writes it. A batch of one
     has no other instance: its weight is kept."""
-    if baseline not in ("leave_one_out", "none"):
-        raise ValueError(f"align_baseline must be 'leave_one_out' or 'none', got {baseline!r}.")
+    if baseline not in BASELINES:
+        raise ValueError(f"align_baseline must be one of {BASELINES}, got {baseline!r}.")
     if baseline == "none" or weights.numel() < 2:
         return weights
     others = (weights.sum() - weights) / (weights.numel() - 1)

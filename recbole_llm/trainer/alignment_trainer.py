@@ -77,7 +77,6 @@ from recbole_llm.trainer.resume import capture_random_state, restore_random_stat
 from recbole_llm.trainer.safe import SafeCheckpointMixin
 
 
-
 # --------------------------------------------------------------------------- frozen base recommender
 def base_model_name(config):
     """``frozen_base_model`` or the SeRALM variant's base architecture (SASRecSeRALM -> SASRec)."""

@@ -134,10 +134,9 @@ class KnowledgeEncoder:
     (picklable before)."""
 
     def __init__(self, config, device=None):
-        from recbole_llm.data.knowledge import cfg
 
-        self.path = cfg(config, "encoder_path")
-        self.max_length = int(cfg(config, "knowledge_encoder_max_length"))
+        self.path = seralm_get(config, "encoder_path")
+        self.max_length = int(seralm_get(config, "knowledge_encoder_max_length"))
         self.device = device
         self.encoder = None
 

@@ -248,7 +248,7 @@ class PAUP(SequentialRecommender):
     def __init__(self, config, dataset):
         apply_plugin_defaults(config, "PAUP")  # stock RecBole Config does not know the plugin YAML
         check_softmax_training(config, type(self).__name__, softmax_loss=config["loss_type"] == "CE")
-        check_model_config(config, type(self))  # again here: a config built by stock RecBole's Config
+        check_model_config(config, PAUP)  # again here (a config built by stock RecBole's Config): PAUP's own keys
         if config["loss_type"] == "BPR" and config["MODEL_INPUT_TYPE"] != InputType.PAIRWISE:
             raise ConfigError(f"{type(self).__name__} with loss_type BPR needs pairwise training data, which RecBole's "
                               "own Config cannot know to build for a plugin model: run it through recbole_llm "

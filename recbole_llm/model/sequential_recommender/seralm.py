@@ -42,6 +42,7 @@ from recbole_llm.config import apply_plugin_defaults
 from recbole_llm.data.knowledge import GROUNDINGS, KNOWLEDGE_SOURCES
 from recbole_llm.keys import seralm_get
 from recbole_llm.model.sequential_recommender.paup import PAUP
+from recbole_llm.trainer.alignment_loss import BASELINES
 from recbole_llm.validation import (NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, PROBABILITY,
                                     check_model_config, check_softmax_training)
 
@@ -49,7 +50,6 @@ KNOWLEDGE_CONCATS = ("project", "split", "widen")  # see the module docstring
 KNOWLEDGE_CANDIDATES = ("id", "fused")
 GENERATOR_MODES = ("sync", "ray")  # read by the AlignmentTrainer
 KL_ESTIMATORS = ("k1", "k2", "k3")
-ALIGN_BASELINES = ("leave_one_out", "none")
 
 
 class KnowledgeItemEmbedding(nn.Module):
@@ -167,7 +167,7 @@ class SeRALMMixin:
         "knowledge_grounding": GROUNDINGS,
         "generator_mode": GENERATOR_MODES,
         "kl_estimator": KL_ESTIMATORS,
-        "align_baseline": ALIGN_BASELINES,
+        "align_baseline": BASELINES,  # the loss's (recbole_llm.trainer.alignment_loss)
     }
     RANGES = {
         "alpha": NON_NEGATIVE,
@@ -203,7 +203,8 @@ class SeRALMMixin:
     def __init__(self, config, dataset):
         apply_plugin_defaults(config, type(self).__name__)  # stock RecBole Config does not know the plugin YAML
         check_softmax_training(config, type(self).__name__)  # always CE, whatever loss_type says (checked below)
-        check_model_config(config, type(self))  # again here: a config built by stock RecBole's Config
+        # again here (a config built by stock RecBole's Config): the knowledge's keys; a base checks its own (PAUP)
+        check_model_config(config, SeRALMMixin)
         concat = config["knowledge_concat"]
         if concat == "widen":
             # Build the base model wider for this call only: the config (logged, saved, read by the frozen base
@@ -324,7 +325,7 @@ class SeRALMMixin:
     # Alignment (phase B) also encodes each sampled text with this encoder, with gradients, and phase C hands
     # the aligned texts to set_knowledge_texts.
     def _setup_text_encoder(self, config, dataset):
-        from recbole_llm.data.knowledge import cfg, knowledge_texts
+        from recbole_llm.data.knowledge import knowledge_texts
         from recbole_llm.llm.loader import load_text_encoder
 
         if config["knowledge_source"] == "checkpoint":
@@ -332,14 +333,14 @@ class SeRALMMixin:
         else:
             texts = knowledge_texts(dataset, config)
         self.knowledge_text_store = KnowledgeTexts(texts)
-        encoder, tokenizer = load_text_encoder(cfg(config, "encoder_path"), device="cpu", dtype="float32")
+        encoder, tokenizer = load_text_encoder(seralm_get(config, "encoder_path"), device="cpu", dtype="float32")
         for param in encoder.parameters():
             param.requires_grad_(True)
         if seralm_get(config, "text_encoder_checkpointing"):
             _enable_activation_checkpointing(encoder)
         self.text_encoder = encoder
         self.text_tokenizer = tokenizer
-        self.encoder_max_length = int(cfg(config, "knowledge_encoder_max_length"))
+        self.encoder_max_length = int(seralm_get(config, "knowledge_encoder_max_length"))
         self._encoder_stale = False
 
     @property
