@@ -67,7 +67,7 @@ def main(argv=None):
     train, valid, _ = data_preparation(config, dataset)
     init_seed(config["seed"], config["reproducibility"])
     model = get_model("Laser")(config, train._dataset).to(config["device"])
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config["learning_rate"])
+    optimizer = torch.optim.Adam(model.parameter_groups(config["learning_rate"]))
 
     rows = [(inter[model.ITEM_SEQ], inter[model.ITEM_SEQ_LEN], positives) for inter, _, _, positives in valid]
     seq, seq_len, pos = (torch.cat([row[i] for row in rows]) for i in range(3))

@@ -281,6 +281,17 @@ def test_item_matrix_cache_and_full_sort_uses_it(built, monkeypatch):
     assert torch.allclose(scores, users @ fixed.t(), atol=1e-5)
 
 
+@pytest.mark.parametrize("prefix_lr", [None, 1e-6])
+def test_prefix_generator_has_its_own_learning_rate_when_asked(root, prefix_lr):
+    from recbole_llm.trainer.laser_trainer import LaserTrainer
+    config, model, _, _, _ = H.build(root, learning_rate=1e-3, prefix_learning_rate=prefix_lr)
+    groups = LaserTrainer(config, model).optimizer.param_groups
+    rates = {id(p): group["lr"] for group in groups for p in group["params"]}
+    assert set(rates) == {id(p) for p in model.parameters() if p.requires_grad}
+    assert rates[id(model.suffix)] == 1e-3
+    assert {rates[id(p)] for p in model.prefix_module.parameters()} == {prefix_lr or 1e-3}
+
+
 def test_loss_decreases_over_a_few_steps(root):
     config, model, train_data, _, _ = H.build(root, learning_rate=0.01)
     batch = H.first_batch(train_data)

@@ -45,7 +45,8 @@ class LaserTrainer(SafeCheckpointMixin, Trainer):
 
     def _build_optimizer(self, **kwargs):
         # Only the prefix/suffix/M-Former are trained; the frozen LLM and SR never reach the optimizer.
-        kwargs.setdefault("params", [p for p in self.model.parameters() if p.requires_grad])
+        # The prefix generator may have its own rate (prefix_learning_rate).
+        kwargs.setdefault("params", self.model.parameter_groups(kwargs.get("learning_rate", self.learning_rate)))
         return super()._build_optimizer(**kwargs)
 
     def _checkpoint_state(self, epoch):

@@ -160,6 +160,7 @@ class Laser(SequentialRecommender):
         "stage2_epochs": NON_NEGATIVE,
         "train_samples_per_epoch": POSITIVE_INT,
         "sampled_negatives": NON_NEGATIVE,
+        "prefix_learning_rate": POSITIVE,
     }
 
     @classmethod
@@ -203,6 +204,7 @@ class Laser(SequentialRecommender):
         self.sr_user_state = config["sr_user_state"] or "positions"
         self.sr_item_state = config["sr_item_state"] or "history"
         self.sampled_negatives = config["sampled_negatives"] or 0
+        self.prefix_learning_rate = config["prefix_learning_rate"]
         check_model_config(config, type(self))  # again here: a config built by stock RecBole's Config
         if config["init_checkpoint"] and not os.path.isfile(config["init_checkpoint"]):  # before any slow set-up
             raise DataNotFoundError(f"init_checkpoint '{config['init_checkpoint']}' does not exist; expected a Laser "
@@ -265,6 +267,19 @@ class Laser(SequentialRecommender):
             inner_size=config["mformer_inner_size"], dropout=config["mformer_dropout"],
             router_gradient=config["router_gradient"], router_bias=bool(config["router_bias"]),
         )
+
+    def parameter_groups(self, learning_rate):
+        """The trainable parameters as optimizer groups: the prefix generator at ``prefix_learning_rate`` (when
+        set), everything else (the suffix) at ``learning_rate``. Adam moves every weight by about the learning rate
+        per step whatever its gradient, so M-Former's output projection (d_m inputs per prefix entry) moves the
+        prefix much faster than the same rate moves the suffix or a learned prefix token."""
+        prefix_lr = self.prefix_learning_rate or learning_rate
+        prefix = [p for p in (self.prefix_module.parameters() if self.prefix_module is not None else ())
+                  if p.requires_grad]
+        ids = {id(p) for p in prefix}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
+        return [group for group in ({"params": rest, "lr": learning_rate}, {"params": prefix, "lr": prefix_lr})
+                if group["params"]]
 
     def _ids(self, text):
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
