@@ -88,6 +88,7 @@ LASER_CONTROLS = {
     "no_mformer_untrained": ({"use_mformer": False, "epochs": 0}, "w/o M-Former, untrained (0 epochs)"),
     "prefix_lr6": ({"prefix_learning_rate": 1e-6}, "prefix generator (M-Former) at learning rate 1e-6 (the CPU "
                                                    "profile's value since it ran)"),
+    "prefix_lr5": ({"prefix_learning_rate": 1e-5}, "prefix generator at learning rate 1e-5"),
     "prefix_lr4": ({"prefix_learning_rate": 1e-4}, "prefix generator at the suffix's learning rate 1e-4 (one rate, as "
                                                    "the paper)"),
     "posgrad_plr5": ({"iic_positive_grad": True, "prefix_learning_rate": 1e-5},
