@@ -86,8 +86,8 @@ LASER_CONTROLS = {
     "prefix_zero": ({"prefix_init": "zero"}, "M-Former's output projection zero-initialised (the prefix starts at 0)"),
     "prefix_token": ({"prefix_init": "token_scale"}, "M-Former's prefix starts at the scale of the LLM's tokens"),
     "no_mformer_untrained": ({"use_mformer": False, "epochs": 0}, "w/o M-Former, untrained (0 epochs)"),
-    "prefix_lr6": ({"prefix_learning_rate": 1e-6}, "prefix generator (M-Former) at learning rate 1e-6 (the CPU "
-                                                   "profile's value since it ran)"),
+    "prefix_lr6": ({"prefix_learning_rate": 1e-6}, "prefix generator (M-Former) at learning rate 1e-6 (now the "
+                                                   "CPU profile's own value, so the same run as Laser)"),
     "prefix_lr5": ({"prefix_learning_rate": 1e-5}, "prefix generator at learning rate 1e-5"),
     "prefix_lr4": ({"prefix_learning_rate": 1e-4}, "prefix generator at the suffix's learning rate 1e-4 (one rate, as "
                                                    "the paper)"),

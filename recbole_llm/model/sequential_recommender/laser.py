@@ -272,14 +272,16 @@ class Laser(SequentialRecommender):
         """The trainable parameters as optimizer groups: the prefix generator at ``prefix_learning_rate`` (when
         set), everything else (the suffix) at ``learning_rate``. Adam moves every weight by about the learning rate
         per step whatever its gradient, so M-Former's output projection (d_m inputs per prefix entry) moves the
-        prefix much faster than the same rate moves the suffix or a learned prefix token."""
+        prefix much faster than the same rate moves the suffix or a learned prefix token. With one rate: one group
+        in parameter order, as before the switch, so optimizer states saved then still load on resume."""
+        trainable = [p for p in self.parameters() if p.requires_grad]
         prefix_lr = self.prefix_learning_rate or learning_rate
-        prefix = [p for p in (self.prefix_module.parameters() if self.prefix_module is not None else ())
-                  if p.requires_grad]
-        ids = {id(p) for p in prefix}
-        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
-        return [group for group in ({"params": rest, "lr": learning_rate}, {"params": prefix, "lr": prefix_lr})
-                if group["params"]]
+        if prefix_lr == learning_rate or self.prefix_module is None:
+            return [{"params": trainable, "lr": learning_rate}]
+        prefix = {id(p) for p in self.prefix_module.parameters()}
+        groups = ({"params": [p for p in trainable if id(p) not in prefix], "lr": learning_rate},
+                  {"params": [p for p in trainable if id(p) in prefix], "lr": prefix_lr})
+        return [group for group in groups if group["params"]]
 
     def _ids(self, text):
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
