@@ -31,8 +31,7 @@ from recbole.data.interaction import Interaction  # noqa: E402
 from recbole.utils import init_seed  # noqa: E402
 
 from recbole_llm.data.preparation import data_preparation  # noqa: E402
-from recbole_llm.quick_start import build_config  # noqa: E402
-from recbole_llm.utils import get_model  # noqa: E402
+from recbole_llm.quick_start import build_config, build_model  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -66,7 +65,7 @@ def main(argv=None):
     dataset = create_dataset(config)
     train, valid, _ = data_preparation(config, dataset)
     init_seed(config["seed"], config["reproducibility"])
-    model = get_model("Laser")(config, train._dataset).to(config["device"])
+    model = build_model(config, train._dataset)
     optimizer = torch.optim.Adam(model.parameter_groups(config["learning_rate"]))
 
     rows = [(inter[model.ITEM_SEQ], inter[model.ITEM_SEQ_LEN], positives) for inter, _, _, positives in valid]

@@ -87,8 +87,8 @@ def _build(model, dataset, config_dict, profile):
     from recbole.utils import init_logger, init_seed
 
     from recbole_llm.data.preparation import data_preparation
-    from recbole_llm.quick_start import build_config
-    from recbole_llm.utils import get_model, get_trainer
+    from recbole_llm.quick_start import build_config, build_model
+    from recbole_llm.utils import get_trainer
 
     config = build_config(model, dataset, config_dict=config_dict, cmd_args=[], profile=profile)
     init_seed(config["seed"], config["reproducibility"])
@@ -96,7 +96,7 @@ def _build(model, dataset, config_dict, profile):
     data = create_dataset(config)
     train_data, valid_data, test_data = data_preparation(config, data)
     init_seed(config["seed"], config["reproducibility"])
-    net = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    net = build_model(config, train_data._dataset)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, net)
     return config, data, (train_data, valid_data, test_data), net, trainer
 

@@ -95,6 +95,16 @@ def log_parameter_counts(model, logger):
                 f"({100.0 * trainable / max(total, 1):.4f}% trainable)")
 
 
+def build_model(config, dataset):
+    """``config["model"]`` on ``dataset``, on the config's device, after its trainer has prepared the side models
+    it reads but does not train (Laser: the frozen SR, trained and cached once). Leaves the RNG as found."""
+    trainer_class = get_trainer(config["MODEL_TYPE"], config["model"])
+    prepare = getattr(trainer_class, "prepare_side_models", None)
+    if prepare is not None:
+        prepare(config, dataset)
+    return get_model(config["model"])(config, dataset).to(config["device"])
+
+
 def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True,
                     queue=None, cmd_args=None, profile="none"):
     """Train and test ``model`` on ``dataset`` (RecBole's ``run_recbole`` with plugin lookup).
@@ -115,7 +125,7 @@ def run_recbole_llm(model=None, dataset=None, config_file_list=None, config_dict
         train_data, valid_data, test_data = data_preparation(config, dataset)
 
         init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-        model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+        model = build_model(config, train_data._dataset)
     except UserInputError:
         log_file.discard()
         raise
@@ -194,7 +204,7 @@ def objective_function(config_dict=None, config_file_list=None, saved=True, mode
     data = create_dataset(config)
     train_data, valid_data, test_data = data_preparation(config, data)
     init_seed(config["seed"], config["reproducibility"])
-    net = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    net = build_model(config, train_data._dataset)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, net)
 
     report = None
@@ -240,7 +250,7 @@ def load_data_and_model(model_file, trust_pickled_code=False):
     logger.info(dataset)
     train_data, valid_data, test_data = data_preparation(config, dataset)
     init_seed(config["seed"], config["reproducibility"])
-    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    model = build_model(config, train_data._dataset)
     model.load_state_dict(checkpoint["state_dict"])
     model.load_other_parameter(checkpoint.get("other_parameter"))
     return config, model, dataset, train_data, valid_data, test_data

@@ -31,8 +31,8 @@ from recbole.utils import init_seed
 from recbole_llm.checkpoint import load_checkpoint
 from recbole_llm.errors import ConfigError, UserInputError
 from recbole_llm.fileio import atomic_path
+from recbole_llm.quick_start import build_model
 from recbole_llm.trainer.resume import data_files_digest
-from recbole_llm.utils import get_model
 
 COLUMNS = ["user_id", "rank", "item_id", "title", "score"]
 SPLITS = (None, "valid", "test")
@@ -72,7 +72,7 @@ class Recommender:
         train_data, valid_data, test_data = recbole_data_preparation(config, self.dataset)
         self.splits = {"train": train_data._dataset, "valid": valid_data._dataset, "test": test_data._dataset}
         init_seed(config["seed"], config["reproducibility"])
-        model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+        model = build_model(config, train_data._dataset)
         model.load_state_dict(state["state_dict"])
         model.load_other_parameter(state.get("other_parameter"))
         self.model = model.eval()

@@ -66,7 +66,7 @@ def build(root, name="tiny-laser", **overrides):
     from recbole.utils import init_seed
 
     from recbole_llm.config import Config
-    from recbole_llm.model.sequential_recommender.laser import Laser
+    from recbole_llm.quick_start import build_model
 
     if not os.path.isdir(os.path.join(str(root), name)):  # a test may have written its own variant of the data
         write_tiny_dataset(root, name)
@@ -75,7 +75,7 @@ def build(root, name="tiny-laser", **overrides):
     dataset = create_dataset(config)
     train_data, valid_data, test_data = data_preparation(config, dataset)
     init_seed(config["seed"], config["reproducibility"])
-    model = Laser(config, train_data._dataset).to(config["device"])  # as RecBole's run does
+    model = build_model(config, train_data._dataset)  # as the plugin's run does: frozen SR trained first
     return config, model, train_data, valid_data, test_data
 
 

@@ -134,6 +134,7 @@ def test_variants_and_selection():
         assert rows["Laser-no_moe"].overrides == {"use_moe": False}
         assert rows["Laser-centred"].overrides == {"score_centering": "item_mean"} and rows["Laser-centred"].family == "control"
     assert cpu["Laser-long"].profile == "cpu-long" and cpu["Laser-long"].overrides == {}
+    assert cpu["Laser-long-lr5"].profile == "cpu-long" and cpu["Laser-long-lr5"].overrides == {"learning_rate": 1e-5}
     assert "Laser-long" not in {v.id for v in quality.variants("gpu")}
     for base in quality.SERALM_BASES:
         assert cpu[f"{base}SeRALM-NA"].overrides["alignment"] is False

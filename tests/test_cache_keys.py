@@ -232,7 +232,7 @@ def test_encoded_vectors_keyed_by_every_input(tmp_path, monkeypatch):
 @pytest.fixture
 def captured_cache_file(monkeypatch):
     """Replace the train-or-load step by a stub that records the cache file it was given."""
-    import recbole_llm.model.frozen_sr as frozen_sr
+    import recbole_llm.trainer.cached_recommender as cached_recommender
 
     files = []
 
@@ -242,7 +242,7 @@ def captured_cache_file(monkeypatch):
         recommender.hidden_size = 1
         return recommender
 
-    monkeypatch.setattr(frozen_sr, "trained_recommender", stub)
+    monkeypatch.setattr(cached_recommender, "trained_recommender", stub)
     return files
 
 
@@ -266,6 +266,7 @@ def laser(tmp_path_factory):
 def test_frozen_sr_trained_once_then_reused(laser, monkeypatch):
     """The real path: trained with RecBole on a miss, loaded (not retrained) on a hit."""
     from recbole_llm.model import frozen_sr
+    from recbole_llm.trainer import cached_recommender
 
     config, model = laser
     folder = os.path.join(config["checkpoint_dir"], "frozen_sr")
@@ -274,8 +275,10 @@ def test_frozen_sr_trained_once_then_reused(laser, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a cached frozen SR must not be retrained")
 
-    monkeypatch.setattr(frozen_sr, "train_frozen_sr", no_training)
-    again = frozen_sr.load_frozen_sr(config, _laser_dataset(config))
+    monkeypatch.setattr(cached_recommender, "train_frozen_sr", no_training)
+    cached_recommender.prepare_frozen_sr(config)
+    again = frozen_sr.build_frozen_sr(config, _laser_dataset(config))
+    assert again.loaded
     for a, b in zip(model.frozen_sr.parameters(), again.parameters()):
         assert torch.equal(a, b)
 
@@ -288,9 +291,9 @@ def _laser_dataset(config):
         return create_dataset(config)
 
 
-def test_frozen_sr_cache_keyed_by_every_input(tmp_path, monkeypatch, captured_cache_file):
+def test_frozen_sr_cache_keyed_by_every_input(tmp_path, monkeypatch):
     from recbole_llm.config import Config
-    from recbole_llm.model.frozen_sr import load_frozen_sr
+    from recbole_llm.model.frozen_sr import frozen_sr_weights_file
 
     name = "tiny-laser"
     helpers_laser.write_tiny_dataset(tmp_path, name)
@@ -298,8 +301,7 @@ def test_frozen_sr_cache_keyed_by_every_input(tmp_path, monkeypatch, captured_ca
     def cache_file(**overrides):
         config = Config(model="Laser", dataset=name, config_dict=helpers_laser.tiny_config_dict(tmp_path, name, **overrides),
                         cmd_args=[])
-        load_frozen_sr(config, None)
-        return captured_cache_file[-1]
+        return frozen_sr_weights_file(config)
 
     base = cache_file()
     assert cache_file() == base and os.path.basename(base).startswith(f"BERT4Rec-{name}-")

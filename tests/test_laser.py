@@ -106,9 +106,9 @@ def test_frozen_sr_states_cache_and_state_dict(built, root, monkeypatch):
     keys = model.state_dict().keys()
     assert not any(k.startswith(("llm.", "frozen_sr.")) for k in keys) and "suffix" in keys
     # a second build reads the cache instead of training again
-    import recbole_llm.model.frozen_sr as frozen_sr
+    import recbole_llm.trainer.cached_recommender as cached_recommender
 
-    monkeypatch.setattr(frozen_sr, "train_frozen_sr", lambda *a, **k: pytest.fail("retrained a cached SR"))
+    monkeypatch.setattr(cached_recommender, "train_frozen_sr", lambda *a, **k: pytest.fail("retrained a cached SR"))
     H.build(root, n_experts=2)
 
 
@@ -118,7 +118,8 @@ def test_frozen_bert4rec_training_survives_a_batch_without_masked_items(built):
     from recbole.data.interaction import Interaction
     from recbole.model.sequential_recommender import BERT4Rec
 
-    from recbole_llm.model.frozen_sr import _build_sr_config, trainable_sr_class
+    from recbole_llm.model.frozen_sr import _build_sr_config
+    from recbole_llm.trainer.cached_recommender import trainable_sr_class
 
     sr_config = _build_sr_config(built[0])
     train_data, _, _ = data_preparation(sr_config, create_dataset(sr_config))
@@ -605,3 +606,35 @@ def test_losses_are_eq_8_and_eq_9_to_11_computed_by_hand(root):
             per_user.append(p.size(-1) * (f * p.mean(0)).sum())
     assert iic.item() == pytest.approx(expected_iic.item(), rel=1e-4)
     assert lb.item() == pytest.approx(0.01 * torch.stack(per_user).mean().item(), rel=1e-4)
+
+
+def test_model_constructor_trains_no_recommender_its_trainer_does(tmp_path, monkeypatch):
+    """A Laser built directly, as a RecBole script does, reads only SR weights that exist; the trainer layer
+    trains and caches the frozen SR when it is first needed (here: scored under no_grad before any fit, as stock
+    RecBole's FLOPs count does), once."""
+    from recbole.data import create_dataset, data_preparation
+
+    import recbole_llm.trainer.cached_recommender as cached_recommender
+    from recbole_llm.config import Config
+    from recbole_llm.model.sequential_recommender.laser import Laser
+    from recbole_llm.utils import get_trainer
+
+    H.write_tiny_dataset(tmp_path)
+    config = Config(model="Laser", dataset="tiny-laser", cmd_args=[],
+                    config_dict=H.tiny_config_dict(tmp_path, frozen_sr_epochs=1, stage2_epochs=0))
+    train_data, valid_data, _ = data_preparation(config, create_dataset(config))
+    trained = []
+    real = cached_recommender.train_frozen_sr
+    monkeypatch.setattr(cached_recommender, "train_frozen_sr", lambda *a, **k: trained.append(1) or real(*a, **k))
+    model = Laser(config, train_data._dataset)
+    assert trained == [] and not model.frozen_sr.loaded
+    batch = H.first_batch(train_data)
+    with torch.no_grad():
+        model(batch["item_id_list"], batch["item_length"])
+    assert trained == [1] and model.frozen_sr.loaded
+    get_trainer(config["MODEL_TYPE"], "Laser")(config, model).fit(train_data, valid_data, saved=False)
+    assert trained == [1]
+    again = Laser(config, train_data._dataset)  # now from the cache, not retrained
+    assert trained == [1] and again.frozen_sr.loaded
+    for a, b in zip(model.frozen_sr.parameters(), again.frozen_sr.parameters()):
+        assert torch.equal(a, b)

@@ -1,17 +1,20 @@
 """The frozen ID-based sequential recommender of Laser: gives per-position states C_u [B, N, d_i].
 
 BERT4Rec (the paper's choice) or SASRec, either from a given RecBole checkpoint (``frozen_sr_checkpoint``)
-or trained here first with RecBole's own model and trainer on the same dataset and split, then cached:
+or trained with RecBole's own model and trainer on the same dataset and split, then cached:
 ``<frozen_sr_cache_dir or checkpoint_dir/frozen_sr>/<SR>-<dataset>-<key>.pth`` where the key digests the
 data files, every config value the SR's training depends on and the package version. Cache files are
 written atomically and read with ``recbole_llm.checkpoint.load_checkpoint`` (weights_only=True).
+
+The model only builds the SR and reads weights that exist; training one is the trainer layer's job
+(``recbole_llm.trainer.cached_recommender``): the run layer prepares it before the model is built, and
+``LaserTrainer.fit`` before it trains. A model built by a stock RecBole script (which scores it before any
+``fit``: its FLOPs count) has it trained on first use by the function that module registers here.
 """
 
 import contextlib
-import functools
 import hashlib
 import json
-import logging
 import os
 import random
 
@@ -19,11 +22,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from recbole_llm.checkpoint import atomic_torch_save, load_checkpoint
-from recbole_llm.fileio import build_lock
+from recbole_llm.checkpoint import load_checkpoint
 from recbole_llm.fingerprint import data_digest
 
 SUPPORTED_SR = ("BERT4Rec", "SASRec")
+
+# (sr_config, weights_file, show_progress) -> None: trains and caches a missing SR. Registered by
+# recbole_llm.trainer.cached_recommender (imported with the package's trainers), so this module holds no training.
+_train_missing = None
+
+
+def set_missing_weights_trainer(train):
+    global _train_missing
+    _train_missing = train
 
 # Laser config keys copied into the SR's config: they fix the data, its filtering and the split.
 DATA_KEYS = (
@@ -48,8 +59,6 @@ KEY_FIELDS = ("model", "n_layers", "n_heads", "hidden_size", "inner_size", "hidd
 # bytes, so a moved dataset keeps its cache).
 NOT_KEY_FIELDS = ("data_path", "checkpoint_dir", "state", "show_progress", "worker", "use_gpu", "gpu_id", "device",
                   "metrics", "topk")
-
-logger = logging.getLogger(__name__)
 
 
 def sr_config_dict(config):
@@ -101,68 +110,41 @@ def _build_sr_config(config):
                   config_dict=sr_config_dict(config), cmd_args=[])
 
 
-@functools.lru_cache(maxsize=None)
-def trainable_sr_class(name):
-    """The RecBole model class used to train the SR here; for BERT4Rec a subclass that survives empty batches.
-
-    RecBole's BERT4Rec masks each item with probability mask_ratio and never counts position 0 as a target, so a
-    small batch (an epoch's last one, short histories) can have no target at all; its CE loss is then 0/0 = NaN and
-    RecBole's trainer stops with "Training loss is nan" (seen on amazon-scientific, paper profile, a 5-row last
-    batch). Such a batch carries no signal: it gets a zero loss. The weights are BERT4Rec's, saved as BERT4Rec.
-    """
-    from recbole_llm.utils import get_model
-
-    base = get_model(name)
-    if name != "BERT4Rec":
-        return base
-
-    class BERT4RecSkippingEmptyBatches(base):
-        def calculate_loss(self, interaction):
-            if not bool((interaction[self.MASK_INDEX] > 0).any()):
-                return self.item_embedding.weight.sum() * 0.0  # zero, but part of the graph: backward() works
-            return super().calculate_loss(interaction)
-
-    return BERT4RecSkippingEmptyBatches
-
-
-def train_frozen_sr(sr_config, path, show_progress=False):
-    """Train the SR with RecBole's model + trainer on the same data/split; save its best weights to ``path``."""
-    from recbole.data import create_dataset
-    from recbole.utils import init_seed
-
-    from recbole_llm.data.preparation import data_preparation
-    from recbole_llm.utils import get_trainer
-
-    init_seed(sr_config["seed"], sr_config["reproducibility"])
-    dataset = create_dataset(sr_config)
-    train_data, valid_data, _ = data_preparation(sr_config, dataset)
-    init_seed(sr_config["seed"], sr_config["reproducibility"])
-    model = trainable_sr_class(sr_config["model"])(sr_config, train_data._dataset).to(sr_config["device"])
-    trainer = get_trainer(sr_config["MODEL_TYPE"], sr_config["model"])(sr_config, model)
-    trainer.saved_model_file = path + ".best.tmp"
-    try:
-        logger.info(f"Training the frozen {sr_config['model']} (cached afterwards at {path})")
-        trainer.fit(train_data, valid_data, saved=True, show_progress=show_progress, verbose=False)
-        best = load_checkpoint(trainer.saved_model_file, map_location="cpu")
-        atomic_torch_save({"state_dict": best["state_dict"], "model": sr_config["model"],
-                           "best_valid_score": float(best["best_valid_score"]),
-                           "n_items": int(dataset.item_num)}, path)
-    finally:
-        if os.path.exists(trainer.saved_model_file):
-            os.remove(trainer.saved_model_file)
-    logger.info(f"Frozen {sr_config['model']}: best valid {sr_config['valid_metric']} = "
-                f"{float(best['best_valid_score']):.4f}")
-
-
 class FrozenSR(nn.Module):
-    """Wraps a trained RecBole BERT4Rec/SASRec; never trained (eval mode, requires_grad False)."""
+    """Wraps a RecBole BERT4Rec/SASRec; never trained here (eval mode, requires_grad False). ``weights_file`` is
+    where its trained weights are (given or cached) and ``loaded`` whether they have been read into it."""
 
-    def __init__(self, recommender):
+    def __init__(self, recommender, sr_config=None, weights_file=None, checkpoint_key="frozen_sr_checkpoint",
+                 show_progress=False):
         super().__init__()
         self.recommender = recommender
         self.hidden_size = recommender.hidden_size
+        self.sr_config = sr_config
+        self.weights_file = weights_file
+        self.checkpoint_key = checkpoint_key
+        self.show_progress = show_progress
+        self.expected_keys = tuple(recommender.state_dict())
+        self.loaded = False
         self.requires_grad_(False)
         self.eval()
+
+    def load_weights(self, trust=False):
+        """Read the trained weights from ``weights_file`` into the recommender (on whatever device it is)."""
+        load_recommender_weights(self.recommender, self.weights_file, self.checkpoint_key, self.sr_config,
+                                 trust=trust, expected_keys=self.expected_keys)
+        self.loaded = True
+
+    def ensure_weights(self):
+        """Read the trained weights, having the trainer layer train and cache them first if they are missing."""
+        if self.loaded:
+            return
+        if not os.path.isfile(self.weights_file):
+            if _train_missing is None:
+                raise RuntimeError(
+                    f"the frozen {type(self.recommender).__name__} has no trained weights (expected at "
+                    f"{self.weights_file}) and nothing is registered to train it; import recbole_llm first")
+            _train_missing(self.sr_config, self.weights_file, self.show_progress)
+        self.load_weights()
 
     def train(self, mode=True):  # stays in eval mode (no dropout) whatever the parent does
         return super().train(False)
@@ -170,6 +152,7 @@ class FrozenSR(nn.Module):
     @torch.no_grad()
     def item_states(self, items):
         """The SR's item embedding row of each item as a one-vector C [B, 1, d_i] and its mask."""
+        self.ensure_weights()
         states = self.recommender.item_embedding(items).unsqueeze(1)
         return states, torch.ones_like(items, dtype=torch.bool).unsqueeze(1)
 
@@ -182,6 +165,7 @@ class FrozenSR(nn.Module):
         with; for SASRec it is the encoder output, which SASRec scores items with directly. Each is the state
         its own model predicts from, so the two are not the same layer of one architecture (paper Figure 4).
         """
+        self.ensure_weights()
         positions = torch.arange(item_seq.size(1), device=item_seq.device)
         mask = positions.unsqueeze(0) < item_seq_len.unsqueeze(1)
         sr = self.recommender
@@ -223,45 +207,54 @@ def preserved_rng():
         torch.set_rng_state(state[2])
 
 
-def load_frozen_sr(config, dataset):
-    """The frozen SR for the Laser ``config``/``dataset``: from ``frozen_sr_checkpoint`` or the cache
-    (trained first when absent). Global RNG state is left as found, so Laser's own init is reproducible
-    whether or not the SR had to be trained."""
+
+
+def frozen_sr_weights_file(config, sr_config=None):
+    """Where the frozen SR of ``config`` has (or will have) its trained weights: the given checkpoint or the cache."""
+    if config["frozen_sr_checkpoint"]:
+        return config["frozen_sr_checkpoint"]
+    sr_config = sr_config or _build_sr_config(config)
+    return cache_path(config, sr_config, data_digest(config))
+
+
+def build_frozen_sr(config, dataset):
+    """The frozen SR of the Laser ``config``/``dataset``, with its trained weights if they exist already (a given
+    ``frozen_sr_checkpoint`` must). Built without moving the global RNG, so Laser's own init is the same
+    whether the SR was cached, trained this run or is still to be trained."""
+    from recbole_llm.registry import get_model
+
     sr_config = _build_sr_config(config)
-    recommender = trained_recommender(
-        sr_config, dataset, given=config["frozen_sr_checkpoint"], key="frozen_sr_checkpoint",
-        cache_file=cache_path(config, sr_config, data_digest(config)), show_progress=config["show_progress"],
-        trust=bool(config["trust_pickled_checkpoint"]) if "trust_pickled_checkpoint" in config else False)
-    return FrozenSR(recommender)
-
-
-def trained_recommender(sr_config, dataset, given, key, cache_file, show_progress=False, trust=False):
-    """A RecBole ``sr_config['model']`` with trained weights, from the checkpoint ``given`` (config key
-    ``key``), else from ``cache_file``, trained with RecBole first when absent. Global RNG state is left as
-    found, so the caller's own initialisation is the same whether or not training happened."""
-    from recbole_llm.utils import get_model
-
-    name = sr_config["model"]
-    if given:
-        if not os.path.isfile(given):
-            raise FileNotFoundError(f"{key} '{given}' does not exist; expected a RecBole {name} checkpoint "
-                                    f"trained on '{sr_config['dataset']}'.")
-        path = given
-    else:
-        path = cache_file
-        if not os.path.isfile(path):
-            with build_lock(path, f"training the frozen {name} of '{sr_config['dataset']}'"):
-                if not os.path.isfile(path):  # a process that held the lock before us may have trained it
-                    with preserved_rng():
-                        train_frozen_sr(sr_config, path, show_progress=show_progress)
-        else:
-            logger.info(f"Frozen {name} loaded from cache {path}")
-    checkpoint = load_checkpoint(path, map_location="cpu", trust_pickled_code=trust and bool(given))
+    path = frozen_sr_weights_file(config, sr_config)
+    given = bool(config["frozen_sr_checkpoint"])
+    if given and not os.path.isfile(path):
+        raise FileNotFoundError(f"frozen_sr_checkpoint '{path}' does not exist; expected a RecBole "
+                                f"{sr_config['model']} checkpoint trained on '{sr_config['dataset']}'.")
     with preserved_rng():
-        recommender = get_model(name)(sr_config, dataset)
+        recommender = get_model(sr_config["model"])(sr_config, dataset)
+    frozen = FrozenSR(recommender, sr_config, path, show_progress=bool(config["show_progress"]))
+    if os.path.isfile(path):
+        frozen.load_weights(trust=trust_given_checkpoint(config))
+    return frozen
+
+
+def trust_given_checkpoint(config):
+    """Whether a given (not cached) frozen_sr_checkpoint may be unpickled with code (trust_pickled_checkpoint)."""
+    return bool(config["frozen_sr_checkpoint"]) and bool(config["trust_pickled_checkpoint"]) \
+        if "trust_pickled_checkpoint" in config else False
+
+
+def load_recommender_weights(recommender, path, key, sr_config, trust=False, expected_keys=None):
+    """Load a trained RecBole checkpoint's state_dict into ``recommender``; a clear error when it does not fit.
+    ``expected_keys``: the state_dict keys the recommender had when built (a profiler such as the thop that
+    stock RecBole's FLOPs count uses adds buffers of its own before a lazily loaded SR gets its weights)."""
+    checkpoint = load_checkpoint(path, map_location="cpu", trust_pickled_code=trust)
+    expected = set(recommender.state_dict()) if expected_keys is None else set(expected_keys)
     try:
-        recommender.load_state_dict(checkpoint["state_dict"])
+        result = recommender.load_state_dict(checkpoint["state_dict"], strict=False)  # sizes are still checked
+        wrong = sorted(set(result.missing_keys) & expected) + sorted(result.unexpected_keys)
+        if wrong:
+            raise RuntimeError(f"missing or unexpected keys: {', '.join(wrong[:8])}")
     except (RuntimeError, KeyError) as err:
-        raise ValueError(f"checkpoint '{path}' ({key}) does not fit a {name} with {dataset.item_num} items of "
-                         f"dataset '{sr_config['dataset']}' and these sizes: {str(err).splitlines()[0]}") from None
-    return recommender
+        raise ValueError(f"checkpoint '{path}' ({key}) does not fit a {sr_config['model']} with "
+                         f"{recommender.n_items} items of dataset '{sr_config['dataset']}' and these sizes: "
+                         f"{' '.join(str(err).split())[:600]}") from None

@@ -127,11 +127,12 @@ def frozen_base_config_dict(config, name):
 def load_frozen_base(config, dataset):
     """The frozen recommender giving p(y|x): from ``frozen_base_checkpoint``, else trained once on the same
     data/split and cached (``frozen_base_cache_dir`` or <checkpoint_dir>/frozen_base), keyed by the dataset
-    files' digest and the base's config. Reuses recbole_llm.model.frozen_sr's trainer/cache helpers (that
-    module's loader is Laser-specific: BERT4Rec/SASRec only). Global RNG state is left as found."""
+    files' digest and the base's config (trained and cached by recbole_llm.trainer.cached_recommender).
+    Global RNG state is left as found."""
     from recbole_llm.config import Config
     from recbole_llm.fingerprint import data_digest
-    from recbole_llm.model.frozen_sr import cache_key, preserved_rng, trained_recommender
+    from recbole_llm.model.frozen_sr import cache_key, preserved_rng
+    from recbole_llm.trainer.cached_recommender import trained_recommender
 
     name = base_model_name(config)
     values = frozen_base_config_dict(config, name)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from recbole_llm.faults import kill_point
 from recbole_llm.model.sequential_recommender.laser import stage_epochs
+from recbole_llm.trainer.cached_recommender import prepare_frozen_sr
 from recbole_llm.trainer.safe import SafeCheckpointMixin
 
 
@@ -150,7 +151,13 @@ class LaserTrainer(SafeCheckpointMixin, Trainer):
             self._save_checkpoint(-1, verbose=verbose)
         return self.best_valid_score, self.best_valid_result
 
+    @staticmethod
+    def prepare_side_models(config, dataset):
+        """Before a Laser is built (the run layer calls this): train and cache its frozen SR unless given or cached."""
+        prepare_frozen_sr(config)
+
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        self.model.frozen_sr.ensure_weights()  # a Laser built by a script of its own: train its SR before ours
         try:
             return super().fit(train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress,
                                callback_fn=callback_fn)

@@ -54,7 +54,7 @@ from recbole_llm.faults import kill_point
 from recbole_llm.llm.encode import hidden_states_from_embeds, last_hidden_from_embeds
 from recbole_llm.llm.loader import hidden_size, input_embeddings, load_causal_lm
 from recbole_llm.llm.workers import WorkerPool, set_worker_threads, worker_settings
-from recbole_llm.model.frozen_sr import SUPPORTED_SR, load_frozen_sr
+from recbole_llm.model.frozen_sr import SUPPORTED_SR, build_frozen_sr
 from recbole_llm.model.sequential_recommender.mformer import ROUTER_GRADIENTS, LearnedPrefix, LinearPrefix, MFormer
 from recbole_llm.validation import NON_NEGATIVE, POSITIVE, POSITIVE_INT, check_model_config, check_softmax_training
 
@@ -217,7 +217,7 @@ class Laser(SequentialRecommender):
         _require_native_backbone(self.llm, config["llm_path"])
         self.llm_size = hidden_size(self.llm)
         self.llm_dtype = next(self.llm.parameters()).dtype
-        self.frozen_sr = load_frozen_sr(config, dataset).to(self.device)
+        self.frozen_sr = build_frozen_sr(config, dataset).to(self.device)  # its weights: see LaserTrainer.prepare_side_models
 
         # trainable parts: prefix generator and suffix
         token_table = input_embeddings(self.llm).weight.detach()
