@@ -1,9 +1,14 @@
-"""Probe: a shared learned projection P (init identity) applied to centred user and item LLM outputs before the
-cosine; P gets gradient from both towers (items from the cached raw matrix). Monkeypatches only this process."""
+"""Probe (not package code): a shared learned projection P (identity at the start) applied to the centred user and
+item LLM outputs before the cosine; P gets gradient from both towers (items from the cached raw matrix). Patches
+Laser in this process only, then runs benchmarks/laser_steps.py with the same arguments:
+
+    PLR=1e-4 python benchmarks/results/laser-prefix-lr/probes/projection_probe.py --dataset ml-100k --users 943 \
+        --steps 300 --eval_every 100 --tag ml_proj4 prefix_learning_rate=1e-4
+"""
 import sys, os, types
-sys.argv = [sys.argv[0]] + sys.argv[1:]
 import torch, torch.nn as nn, torch.nn.functional as F
-sys.path.insert(0, "/work/main"); sys.path.insert(0, "/work/main/benchmarks")
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), *[".."] * 4))
+sys.path.insert(0, ROOT); sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import laser_steps
 from recbole_llm.model.sequential_recommender import laser as L
 
