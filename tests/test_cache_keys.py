@@ -266,7 +266,7 @@ def laser(tmp_path_factory):
 def test_frozen_sr_trained_once_then_reused(laser, monkeypatch):
     """The real path: trained with RecBole on a miss, loaded (not retrained) on a hit."""
     from recbole_llm.model import frozen_sr
-    from recbole_llm.trainer import cached_recommender
+    from recbole_llm.trainer import cached_recommender, laser_trainer
 
     config, model = laser
     folder = os.path.join(config["checkpoint_dir"], "frozen_sr")
@@ -276,7 +276,7 @@ def test_frozen_sr_trained_once_then_reused(laser, monkeypatch):
         raise AssertionError("a cached frozen SR must not be retrained")
 
     monkeypatch.setattr(cached_recommender, "train_frozen_sr", no_training)
-    cached_recommender.prepare_frozen_sr(config)
+    laser_trainer.prepare_frozen_sr(config)
     again = frozen_sr.build_frozen_sr(config, _laser_dataset(config))
     assert again.loaded
     for a, b in zip(model.frozen_sr.parameters(), again.parameters()):

@@ -118,10 +118,10 @@ def test_frozen_bert4rec_training_survives_a_batch_without_masked_items(built):
     from recbole.data.interaction import Interaction
     from recbole.model.sequential_recommender import BERT4Rec
 
-    from recbole_llm.model.frozen_sr import _build_sr_config
+    from recbole_llm.model.frozen_sr import build_sr_config
     from recbole_llm.trainer.cached_recommender import trainable_sr_class
 
-    sr_config = _build_sr_config(built[0])
+    sr_config = build_sr_config(built[0])
     train_data, _, _ = data_preparation(sr_config, create_dataset(sr_config))
     batch = H.first_batch(train_data)
     H.seeded(0)

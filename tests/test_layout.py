@@ -70,7 +70,29 @@ def test_the_core_knows_no_model():
     """The config, its checks, the registry and the file helpers import no model, trainer or run module."""
     graph = _import_graph()
     core = ("recbole_llm.keys", "recbole_llm.validation", "recbole_llm.registry", "recbole_llm.errors",
-            "recbole_llm.fileio", "recbole_llm.fingerprint", "recbole_llm.faults", "recbole_llm.data.locate")
+            "recbole_llm.fileio", "recbole_llm.fingerprint", "recbole_llm.faults", "recbole_llm.data.locate",
+            "recbole_llm.cached_model")
     upward = ("recbole_llm.model", "recbole_llm.trainer", "recbole_llm.quick_start", "recbole_llm.cli")
     for module in core:
         assert not [t for t in graph[module] if t.startswith(upward)], (module, graph[module])
+
+
+LASER = ("recbole_llm.model.sequential_recommender.laser", "recbole_llm.model.sequential_recommender.mformer",
+         "recbole_llm.model.frozen_sr", "recbole_llm.trainer.laser_trainer")
+SERALM = ("recbole_llm.model.sequential_recommender.seralm", "recbole_llm.trainer.alignment_trainer",
+          "recbole_llm.trainer.alignment_loss", "recbole_llm.trainer.alignment_resume", "recbole_llm.trainer.generator",
+          "recbole_llm.data.knowledge")
+SHARED_SIDE_MODELS = ("recbole_llm.cached_model", "recbole_llm.trainer.cached_recommender", "recbole_llm.trainer.safe",
+                      "recbole_llm.trainer.resume")
+
+
+def test_a_method_knows_no_other_method():
+    """Laser and SeRALM share only core modules (a cached side model, safe checkpoints, resume), not each other's."""
+    graph = _import_graph()
+    for module in LASER:
+        assert not graph[module] & set(SERALM), (module, graph[module])
+        assert "recbole_llm.model.sequential_recommender.paup" not in graph[module]
+    for module in SERALM:
+        assert not graph[module] & set(LASER), (module, graph[module])
+    for module in SHARED_SIDE_MODELS:
+        assert not graph[module] & set(LASER + SERALM), (module, graph[module])

@@ -7,59 +7,30 @@ data files, every config value the SR's training depends on and the package vers
 written atomically and read with ``recbole_llm.checkpoint.load_checkpoint`` (weights_only=True).
 
 The model only builds the SR and reads weights that exist; training one is the trainer layer's job
-(``recbole_llm.trainer.cached_recommender``): the run layer prepares it before the model is built, and
-``LaserTrainer.fit`` before it trains. A model built by a stock RecBole script (which scores it before any
-``fit``: its FLOPs count) has it trained on first use by the function that module registers here.
+(``recbole_llm.trainer.cached_recommender``): the run layer prepares it before the model is built
+(``LaserTrainer.prepare_side_models``), and ``LaserTrainer.fit`` before it trains. A model built by a stock RecBole
+script (which scores it before any ``fit``: its FLOPs count) has it trained on first use by the function
+``recbole_llm.trainer.laser_trainer`` registers here.
 """
 
-import contextlib
-import hashlib
-import json
 import os
-import random
 
-import numpy as np
 import torch
 from torch import nn
 
-from recbole_llm.checkpoint import load_checkpoint
+from recbole_llm.cached_model import DATA_KEYS, cache_key, key_values, load_recommender_weights, preserved_rng
 from recbole_llm.fingerprint import data_digest
 
 SUPPORTED_SR = ("BERT4Rec", "SASRec")
 
 # (sr_config, weights_file, show_progress) -> None: trains and caches a missing SR. Registered by
-# recbole_llm.trainer.cached_recommender (imported with the package's trainers), so this module holds no training.
+# recbole_llm.trainer.laser_trainer (imported with the package's trainers), so this module holds no training.
 _train_missing = None
 
 
 def set_missing_weights_trainer(train):
     global _train_missing
     _train_missing = train
-
-# Laser config keys copied into the SR's config: they fix the data, its filtering and the split.
-DATA_KEYS = (
-    "data_path", "field_separator", "seq_separator", "USER_ID_FIELD", "ITEM_ID_FIELD", "RATING_FIELD",
-    "TIME_FIELD", "seq_len", "LABEL_FIELD", "threshold", "NEG_PREFIX", "load_col", "unload_col", "unused_col",
-    "additional_feat_suffix", "rm_dup_inter", "val_interval", "filter_inter_by_user_or_item",
-    "user_inter_num_interval", "item_inter_num_interval", "alias_of_user_id", "alias_of_item_id",
-    "alias_of_entity_id", "alias_of_relation_id", "preload_weight", "normalize_field", "normalize_all",
-    "ITEM_LIST_LENGTH_FIELD", "LIST_SUFFIX", "MAX_ITEM_LIST_LENGTH", "POSITION_FIELD", "benchmark_filename",
-    "eval_args", "metrics", "topk", "valid_metric", "seed", "reproducibility", "use_gpu", "gpu_id",
-    "checkpoint_dir", "state", "show_progress", "worker", "train_data_ratio",
-)
-# Keys whose values decide the cached SR's weights, besides the data files' bytes and every DATA_KEYS value
-# except those in NOT_KEY_FIELDS.
-KEY_FIELDS = ("model", "n_layers", "n_heads", "hidden_size", "inner_size", "hidden_dropout_prob",
-              "attn_dropout_prob", "hidden_act", "layer_norm_eps", "initializer_range", "mask_ratio", "ft_ratio",
-              "loss_type", "epochs", "learning_rate", "train_batch_size", "stopping_step", "seed",
-              "MAX_ITEM_LIST_LENGTH", "eval_args", "valid_metric", "load_col", "rm_dup_inter", "val_interval",
-              "filter_inter_by_user_or_item", "user_inter_num_interval", "item_inter_num_interval", "threshold")
-# Settings that do not change the trained weights: where files go, logging, the device, the reported metrics
-# (valid_metric, which early stopping reads, is keyed) and data_path (the data files are keyed by their
-# bytes, so a moved dataset keeps its cache).
-NOT_KEY_FIELDS = ("data_path", "checkpoint_dir", "state", "show_progress", "worker", "use_gpu", "gpu_id", "device",
-                  "metrics", "topk")
-
 
 def sr_config_dict(config):
     """config_dict for training/building the SR from the Laser config (data keys + frozen_sr_* keys)."""
@@ -82,28 +53,13 @@ def sr_config_dict(config):
     return values
 
 
-def cache_key(values, digest):
-    """Key of a cached trained recommender: its config ``values`` (minus NOT_KEY_FIELDS), the data digest
-    and the package version. Shared by Laser's frozen SR and SeRALM's frozen base."""
-    from recbole_llm.llm.loader import package_version
-
-    values = {k: v for k, v in values.items() if k not in NOT_KEY_FIELDS}
-    text = json.dumps(values, sort_keys=True, default=str) + digest + package_version()
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def sr_key_values(sr_config):
-    """The SR config values its cached weights depend on."""
-    return {k: sr_config[k] for k in KEY_FIELDS + DATA_KEYS if k in sr_config}
-
-
 def cache_path(config, sr_config, digest):
     folder = config["frozen_sr_cache_dir"] or os.path.join(config["checkpoint_dir"], "frozen_sr")
-    key = cache_key(sr_key_values(sr_config), digest)
+    key = cache_key(key_values(sr_config), digest)
     return os.path.join(folder, f"{sr_config['model']}-{config['dataset']}-{key}.pth")
 
 
-def _build_sr_config(config):
+def build_sr_config(config):
     from recbole_llm.config import Config
 
     return Config(model=config["frozen_sr_model"], dataset=config["dataset"],
@@ -194,26 +150,11 @@ def _sasrec_all_positions(sr, item_seq):
     return sr.trm_encoder(embedded, attention_mask, output_all_encoded_layers=True)[-1]
 
 
-@contextlib.contextmanager
-def preserved_rng():
-    """Run a block (training or building a side model) without moving the caller's random streams, so
-    the main run draws the same numbers whether a cache was hit or not."""
-    state = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    try:
-        yield
-    finally:
-        random.setstate(state[0])
-        np.random.set_state(state[1])
-        torch.set_rng_state(state[2])
-
-
-
-
 def frozen_sr_weights_file(config, sr_config=None):
     """Where the frozen SR of ``config`` has (or will have) its trained weights: the given checkpoint or the cache."""
     if config["frozen_sr_checkpoint"]:
         return config["frozen_sr_checkpoint"]
-    sr_config = sr_config or _build_sr_config(config)
+    sr_config = sr_config or build_sr_config(config)
     return cache_path(config, sr_config, data_digest(config))
 
 
@@ -223,7 +164,7 @@ def build_frozen_sr(config, dataset):
     whether the SR was cached, trained this run or is still to be trained."""
     from recbole_llm.registry import get_model
 
-    sr_config = _build_sr_config(config)
+    sr_config = build_sr_config(config)
     path = frozen_sr_weights_file(config, sr_config)
     given = bool(config["frozen_sr_checkpoint"])
     if given and not os.path.isfile(path):
@@ -241,20 +182,3 @@ def trust_given_checkpoint(config):
     """Whether a given (not cached) frozen_sr_checkpoint may be unpickled with code (trust_pickled_checkpoint)."""
     return bool(config["frozen_sr_checkpoint"]) and bool(config["trust_pickled_checkpoint"]) \
         if "trust_pickled_checkpoint" in config else False
-
-
-def load_recommender_weights(recommender, path, key, sr_config, trust=False, expected_keys=None):
-    """Load a trained RecBole checkpoint's state_dict into ``recommender``; a clear error when it does not fit.
-    ``expected_keys``: the state_dict keys the recommender had when built (a profiler such as the thop that
-    stock RecBole's FLOPs count uses adds buffers of its own before a lazily loaded SR gets its weights)."""
-    checkpoint = load_checkpoint(path, map_location="cpu", trust_pickled_code=trust)
-    expected = set(recommender.state_dict()) if expected_keys is None else set(expected_keys)
-    try:
-        result = recommender.load_state_dict(checkpoint["state_dict"], strict=False)  # sizes are still checked
-        wrong = sorted(set(result.missing_keys) & expected) + sorted(result.unexpected_keys)
-        if wrong:
-            raise RuntimeError(f"missing or unexpected keys: {', '.join(wrong[:8])}")
-    except (RuntimeError, KeyError) as err:
-        raise ValueError(f"checkpoint '{path}' ({key}) does not fit a {sr_config['model']} with "
-                         f"{recommender.n_items} items of dataset '{sr_config['dataset']}' and these sizes: "
-                         f"{' '.join(str(err).split())[:600]}") from None

@@ -108,7 +108,7 @@ def _model_yaml_keys(name):
 def frozen_base_config_dict(config, name):
     """Config of the frozen base: the SeRALM run's data/split keys and the base architecture's own
     hyperparameters taken from the SeRALM config (same sizes), trained for ``frozen_base_epochs``."""
-    from recbole_llm.model.frozen_sr import DATA_KEYS
+    from recbole_llm.cached_model import DATA_KEYS
 
     values = {k: config[k] for k in DATA_KEYS if k in config and config[k] is not None}
     for key in _model_yaml_keys(name) | {"learning_rate", "train_batch_size", "stopping_step", "weight_decay",
@@ -131,7 +131,7 @@ def load_frozen_base(config, dataset):
     Global RNG state is left as found."""
     from recbole_llm.config import Config
     from recbole_llm.fingerprint import data_digest
-    from recbole_llm.model.frozen_sr import cache_key, preserved_rng
+    from recbole_llm.cached_model import cache_key, preserved_rng
     from recbole_llm.trainer.cached_recommender import trained_recommender
 
     name = base_model_name(config)

@@ -1,10 +1,9 @@
 """Train a RecBole recommender once and cache it: the frozen side models of Laser (its SR) and SeRALM (its base).
 
-The models only read weights that exist (``recbole_llm.model.frozen_sr``); the run layer calls
-``prepare_frozen_sr`` before it builds a Laser, ``LaserTrainer.fit`` makes sure before it trains, and a Laser
-scored by a stock RecBole script before any fit has its SR trained on first use through ``ensure_trained``,
-registered with the model layer below. Training keeps the caller's random streams as found, so the main run
-draws the same numbers whether a cache was hit or not.
+The models only read weights that exist (``recbole_llm.cached_model``); their trainers call ``ensure_trained``
+(Laser's: before the model is built, before it trains, and on first use of a Laser a stock RecBole script scores
+before any fit). Training keeps the caller's random streams as found, so the main run draws the same numbers
+whether a cache was hit or not.
 """
 
 import functools
@@ -15,11 +14,9 @@ import torch
 from recbole.data import create_dataset
 from recbole.utils import init_seed
 
+from recbole_llm.cached_model import load_recommender_weights, preserved_rng
 from recbole_llm.checkpoint import atomic_torch_save, load_checkpoint
 from recbole_llm.fileio import build_lock
-from recbole_llm.model.frozen_sr import (
-    _build_sr_config, frozen_sr_weights_file, load_recommender_weights, preserved_rng, set_missing_weights_trainer,
-)
 from recbole_llm.data.preparation import data_preparation
 from recbole_llm.registry import get_model
 from recbole_llm.utils import get_trainer
@@ -84,14 +81,6 @@ def ensure_trained(sr_config, cache_file, show_progress=False):
                 train_frozen_sr(sr_config, cache_file, show_progress=show_progress)
 
 
-def prepare_frozen_sr(config):
-    """Make sure the frozen SR of a Laser ``config`` has trained weights (given, cached, or trained now)."""
-    if config["frozen_sr_checkpoint"]:
-        return  # the model reads it (and says so when it does not exist)
-    sr_config = _build_sr_config(config)
-    ensure_trained(sr_config, frozen_sr_weights_file(config, sr_config), show_progress=config["show_progress"])
-
-
 def trained_recommender(sr_config, dataset, given, key, cache_file, show_progress=False, trust=False):
     """A RecBole ``sr_config['model']`` with trained weights, from the checkpoint ``given`` (config key
     ``key``), else from ``cache_file``, trained with RecBole first when absent. Global RNG state is left as
@@ -110,5 +99,3 @@ def trained_recommender(sr_config, dataset, given, key, cache_file, show_progres
     load_recommender_weights(recommender, path, key, sr_config, trust=trust and bool(given))
     return recommender
 
-
-set_missing_weights_trainer(ensure_trained)

@@ -26,8 +26,9 @@ from torch.nn.utils import clip_grad_norm_
 from tqdm.auto import tqdm
 
 from recbole_llm.faults import kill_point
+from recbole_llm.model.frozen_sr import build_sr_config, frozen_sr_weights_file, set_missing_weights_trainer
 from recbole_llm.model.sequential_recommender.laser import stage_epochs
-from recbole_llm.trainer.cached_recommender import prepare_frozen_sr
+from recbole_llm.trainer.cached_recommender import ensure_trained
 from recbole_llm.trainer.safe import SafeCheckpointMixin
 
 
@@ -235,3 +236,15 @@ class LaserTrainer(SafeCheckpointMixin, Trainer):
             self.model.load_other_parameter(other)
         self.best_valid_result = self.best_valid_result or best_result
         return self.best_valid_score, self.best_valid_result
+
+
+def prepare_frozen_sr(config):
+    """Make sure the frozen SR of a Laser ``config`` has trained weights (given, cached, or trained now)."""
+    if config["frozen_sr_checkpoint"]:
+        return  # the model reads it (and says so when it does not exist)
+    sr_config = build_sr_config(config)
+    ensure_trained(sr_config, frozen_sr_weights_file(config, sr_config), show_progress=config["show_progress"])
+
+
+# a Laser that a stock RecBole script scores before any fit trains its SR on first use through this
+set_missing_weights_trainer(ensure_trained)
