@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 
 def _register():
+    # registration: imported here so that the package namespace holds only its public names
     import importlib
     import sys
 
@@ -16,6 +17,7 @@ def _register():
 
     _import_recbole_models_without_anomaly_mode()
 
+    # registration: as above (package namespace); the model modules themselves are imported by name below
     from recbole_llm.checkpoint import register_safe_globals
     from recbole_llm.registry import PLUGIN_MODELS, PLUGIN_TRAINERS
 
@@ -34,6 +36,7 @@ def _import_recbole_models_without_anomaly_mode():
     ``torch.autograd.set_detect_anomaly(True)`` at import time, which switches anomaly detection on for the whole
     process (every model, every backward pass: slower everywhere, and on CUDA a NaN check per op). Only the flag is
     restored, and only when this import is what ran sine.py; a user who wants anomaly mode can still turn it on."""
+    # registration: kept out of the package namespace, as in _register
     import sys
 
     import torch
@@ -41,6 +44,7 @@ def _import_recbole_models_without_anomaly_mode():
     if "recbole.model.sequential_recommender.sine" in sys.modules:
         return
     before = torch.is_anomaly_enabled()
+    # registration: must run between reading and restoring the anomaly flag, so it cannot move to the top
     import recbole.model.sequential_recommender  # noqa: F401
 
     torch.autograd.set_detect_anomaly(before)

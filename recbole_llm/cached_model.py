@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from recbole_llm.checkpoint import load_checkpoint
+from recbole_llm.llm.loader import package_version
 
 # Keys of the main run copied into a side model's config: they fix the data, its filtering and the split.
 DATA_KEYS = (
@@ -40,8 +41,6 @@ NOT_KEY_FIELDS = ("data_path", "checkpoint_dir", "state", "show_progress", "work
 def cache_key(values, digest):
     """Key of a cached trained recommender: its config ``values`` (minus NOT_KEY_FIELDS), the data digest
     and the package version. Shared by Laser's frozen SR and SeRALM's frozen base."""
-    from recbole_llm.llm.loader import package_version
-
     values = {k: v for k, v in values.items() if k not in NOT_KEY_FIELDS}
     text = json.dumps(values, sort_keys=True, default=str) + digest + package_version()
     return hashlib.sha256(text.encode()).hexdigest()[:16]

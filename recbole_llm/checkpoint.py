@@ -11,7 +11,15 @@ import pickle
 
 import numpy as np
 import torch
+from recbole.config import Config as RecBoleConfig
+from recbole.utils.enum_type import EvaluatorType, FeatureSource, FeatureType, InputType, ModelType
 
+try:
+    from numpy.core.multiarray import scalar
+except ImportError:  # numpy 2
+    from numpy._core.multiarray import scalar
+
+from recbole_llm.config import Config
 from recbole_llm.errors import CorruptFileError, DataNotFoundError, UserInputError
 from recbole_llm.faults import kill_point
 from recbole_llm.fileio import atomic_path
@@ -19,17 +27,8 @@ from recbole_llm.fileio import atomic_path
 
 def safe_globals():
     """Classes a plugin checkpoint may contain besides tensors and builtins."""
-    from recbole.config import Config as RecBoleConfig
-    from recbole.utils.enum_type import EvaluatorType, FeatureSource, FeatureType, InputType, ModelType
-
-    from recbole_llm.config import Config
-
     dtype_classes = [type(np.dtype(t)) for t in (np.float16, np.float32, np.float64, np.int8, np.int16,
                                                   np.int32, np.int64, np.uint8, np.bool_)]
-    try:
-        from numpy.core.multiarray import scalar
-    except ImportError:  # numpy 2
-        from numpy._core.multiarray import scalar
     return [Config, RecBoleConfig, ModelType, InputType, EvaluatorType, FeatureType, FeatureSource,
             np.dtype, scalar, *dtype_classes]
 

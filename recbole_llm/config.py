@@ -12,8 +12,11 @@ import os
 import sys
 
 import numpy as np
+import torch
+import yaml
 from recbole.config import Config as RecBoleConfig
-from recbole.utils import ModelType
+from recbole.utils import InputType, ModelType
+from recbole.utils.argument_list import dataset_arguments
 
 from recbole_llm.errors import ConfigError, UserInputError
 # re-exported: most modules read keys and find the YAMLs through recbole_llm.config
@@ -33,14 +36,11 @@ def apply_plugin_defaults(config, model_name):
     paths = plugin_model_yamls(model_name)
     if not paths:
         return
-    import yaml
-
     loader = getattr(config, "yaml_loader", None) or RecBoleConfig._build_yaml_loader(config)
     defaults = {}
     for path in paths:
         with open(path) as f:
             defaults.update(yaml.load(f, Loader=loader) or {})  # RecBole's loader: reads 1e-4 as a float
-    from recbole.utils.argument_list import dataset_arguments
 
     # The data and its loaders exist before the model does: keys they read (negative sampling, batch
     # sizes, history length...) cannot change here without making the config lie about the run.
@@ -118,14 +118,10 @@ class Config(RecBoleConfig):
         # A plugin model that declares input_type for RecBole's own Config (PAUP) but also trains with BPR:
         # pairwise data then, as RecBole would pick from loss_type.
         if getattr(self.model_class, "input_type_follows_loss_type", False) and final.get("loss_type") == "BPR":
-            from recbole.utils import InputType
-
             final["MODEL_INPUT_TYPE"] = InputType.PAIRWISE
 
     def _init_device(self):
         final = self.final_config_dict
-        import torch
-
         asked = str(self.external_config_dict.get("device") or "")
         if asked.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"device={asked!r} asks for CUDA, but torch {torch.__version__} sees no CUDA device "

@@ -9,9 +9,15 @@ The search space is a RecBole hyper-parameter file, one parameter a line:
 
 import ast
 import functools
+import json
 import math
 import os
 
+import pandas as pd
+from recbole.trainer import HyperTuning
+
+from recbole_llm import quick_start
+from recbole_llm.data.locate import bundled_dataset_dir
 from recbole_llm.errors import ConfigError
 from recbole_llm.fileio import atomic_write_text
 
@@ -43,7 +49,7 @@ def read_hyper_file(path):
 
 
 def ray_search_space(entries):
-    from ray import tune
+    from ray import tune  # heavy: ray, ~0.4 s to import; only Ray Tune searches need it
 
     space = {}
     for name, kind, values in entries:
@@ -83,10 +89,6 @@ def run_hyperopt(model, dataset, params_file, config_files=None, algo="exhaustiv
     """RecBole's HyperTuning with the plugin's objective; returns the HyperTuning object.
 
     ``display_file``: HTML plot of the trials (RecBole's ``plot_hyper``; needs plotly)."""
-    from recbole.trainer import HyperTuning
-
-    from recbole_llm import quick_start
-
     entries = read_hyper_file(params_file)
     fixed = dict(config_dict or {})
     trials = []  # (params dict, result) per trial: RecBole's params2result keys are strings that cannot be
@@ -117,17 +119,13 @@ def run_hyperopt(model, dataset, params_file, config_files=None, algo="exhaustiv
 
 
 def _ray_trial(config, model, dataset, config_files, profile, report):
-    from recbole_llm.quick_start import objective_function
-
-    objective_function(config, config_files, model=model, dataset=dataset, profile=profile,
-                       report_to_ray=report)
+    quick_start.objective_function(config, config_files, model=model, dataset=dataset, profile=profile,
+                                   report_to_ray=report)
 
 
 def _last_report(result):
     """A trial's final report. Ray's progress table keeps only the keys of the first report (the per-epoch
     ones), so read the last line of the trial's result.json, which has every key."""
-    import json
-
     path = os.path.join(str(result.log_dir), "result.json")
     if os.path.isfile(path):
         with open(path) as f:
@@ -141,6 +139,7 @@ def run_ray(model, dataset, params_file, config_files=None, num_samples=4, cpus_
             address=None, report="epoch", max_epochs=None, output_file="hyper_result.md", profile="none",
             config_dict=None, local_dir=None, valid_bigger=True):
     """Ray Tune search (ASHA early stopping on the validation score); returns the result DataFrame."""
+    # heavy: ray takes ~0.4 s to import; only Ray Tune searches need it
     import ray
     from ray import air, tune
     from ray.tune.schedulers import ASHAScheduler
@@ -153,8 +152,6 @@ def run_ray(model, dataset, params_file, config_files=None, num_samples=4, cpus_
         if key in fixed:
             fixed[key] = os.path.abspath(fixed[key])
     if "data_path" not in fixed:
-        from recbole_llm.data.locate import bundled_dataset_dir
-
         bundled = bundled_dataset_dir(dataset)
         fixed["data_path"] = os.path.dirname(bundled) if bundled else os.path.abspath("dataset")
     if address:
@@ -189,8 +186,6 @@ def run_ray(model, dataset, params_file, config_files=None, num_samples=4, cpus_
         if result.error is not None:
             row["error"] = type(result.error).__name__
         rows.append(row)
-    import pandas as pd
-
     frame = pd.DataFrame(rows)
     columns = list(space) + [c for c in frame.columns if c not in space]
     table = results_table(rows, columns)

@@ -15,6 +15,7 @@ import socket
 from recbole_llm.config import config_get
 from recbole_llm.data.item_text import pick_title_field
 from recbole_llm.errors import ConfigError, DataNotFoundError, UserInputError
+from recbole_llm.llm import loader
 
 FEATURE_TYPES = ("token", "token_seq", "float", "float_seq")
 ROWS_CHECKED = 1000  # rows read per file for the column-count and number checks (the rest: RecBole's reader)
@@ -146,8 +147,6 @@ def check_title_field(config, item_fields):
 # ------------------------------------------------------------------------------------- model files
 def check_llm_path(path):
     """None (the bundled SmolLM2), a .gguf file, or a decoder-LLM directory."""
-    from recbole_llm.llm import loader
-
     if path is None:
         loader.bundled_llm_gguf()  # raises with the pip command when the package is missing
         return
@@ -170,8 +169,6 @@ def check_llm_path(path):
 
 def check_encoder_path(path, expected_dim=None):
     """None (the bundled MiniLM) or an encoder directory whose width matches ``knowledge_text_dim`` if set."""
-    from recbole_llm.llm import loader
-
     path = loader.bundled_encoder_dir() if path is None else _existing(path, "encoder_path",
                                                                       "a local HF text-encoder directory")
     expected = "a local HF text-encoder directory (e.g. BERT/MiniLM: config.json + weights + tokenizer)"

@@ -11,6 +11,7 @@ import sys
 from logging import getLogger
 
 import torch
+import yaml
 from recbole.data import create_dataset
 from recbole.utils import get_environment, init_logger, init_seed, set_color
 
@@ -42,8 +43,6 @@ def read_config_files(paths):
     """Each user config file must exist, parse as YAML and hold a mapping (an empty file counts as {}).
     Returns (path, settings) of the files that hold settings (empty ones are left out: RecBole's Config cannot
     merge them)."""
-    import yaml
-
     kept = []
     for path in paths:
         if not os.path.isfile(path):
@@ -209,7 +208,7 @@ def objective_function(config_dict=None, config_file_list=None, saved=True, mode
 
     report = None
     if report_to_ray:
-        from ray.air import session  # only Ray Tune trials need ray
+        from ray.air import session  # heavy: ray, ~0.4 s to import; only Ray Tune trials need it
 
         report = session.report
     def report_epoch(epoch_idx, valid_score):

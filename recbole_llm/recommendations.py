@@ -15,6 +15,7 @@ regenerated). A checkpoint whose dataset files changed since it was saved is ref
 batches and the output file is written in chunks, then renamed into place: nothing is left on error.
 """
 
+import argparse
 import csv
 import json
 import os
@@ -26,9 +27,13 @@ import pandas as pd
 import torch
 from recbole.data import create_dataset
 from recbole.data import data_preparation as recbole_data_preparation
+from recbole.data.interaction import Interaction, cat_interactions
 from recbole.utils import init_seed
+from tqdm import tqdm
 
 from recbole_llm.checkpoint import load_checkpoint
+from recbole_llm.config import config_get
+from recbole_llm.data.item_text import item_attributes, item_fields, pick_title_field
 from recbole_llm.errors import ConfigError, UserInputError
 from recbole_llm.fileio import atomic_path
 from recbole_llm.quick_start import build_model
@@ -205,9 +210,6 @@ class Recommender:
 
     def titles(self):
         if self._titles is None:
-            from recbole_llm.data.item_text import item_attributes, item_fields, pick_title_field
-            from recbole_llm.config import config_get
-
             field, _ = pick_title_field(item_fields(self.dataset), config_get(self.config, "item_text_fields"))
             titles = [""] * self.dataset.item_num
             if field:
@@ -246,8 +248,6 @@ class Recommender:
         uids = self.internal_users(users, split, skip_unknown)  # checked now, before any output
         batches = range(0, len(uids), int(batch_size))
         if show_progress:
-            from tqdm import tqdm
-
             batches = tqdm(batches, desc="recommend", unit="batch", total=len(batches), file=sys.stderr)
         return (self.topk_frame(uids[start:start + int(batch_size)], topk, split) for start in batches)
 
@@ -269,14 +269,10 @@ def _listing(ids, limit=20):
 
 
 def _interaction(values):
-    from recbole.data.interaction import Interaction
-
     return Interaction(values)
 
 
 def _cat(pieces):
-    from recbole.data.interaction import cat_interactions
-
     return cat_interactions(pieces)
 
 
@@ -334,8 +330,6 @@ def _write(frames, handle, kind):
 
 
 def parse_args(argv):
-    import argparse
-
     parser = argparse.ArgumentParser(
         prog="run_recbole_llm.py --recommend",
         description="Top-K recommendations of a saved checkpoint, with external user and item ids.")

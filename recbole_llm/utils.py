@@ -5,6 +5,7 @@ import importlib
 from recbole.utils import get_trainer as recbole_get_trainer
 
 from recbole_llm.registry import PLUGIN_TRAINERS, get_model  # noqa: F401  (get_model: the lookup lives with the names)
+from recbole_llm.trainer.safe import safe_trainer_class
 
 
 def get_trainer(model_type, model_name):
@@ -13,6 +14,4 @@ def get_trainer(model_type, model_name):
     if model_name in PLUGIN_TRAINERS:
         module, cls = PLUGIN_TRAINERS[model_name]
         return getattr(importlib.import_module(module), cls)
-    from recbole_llm.trainer.safe import safe_trainer_class
-
     return safe_trainer_class(recbole_get_trainer(model_type, model_name))

@@ -10,7 +10,9 @@ import functools
 import glob
 import os
 
+import recbole
 import yaml
+from recbole.utils import argument_list
 
 from recbole_llm.data.locate import resource_roots
 from recbole_llm.errors import ConfigError
@@ -89,9 +91,6 @@ def check_model_config(config, model_class):
 @functools.lru_cache(maxsize=1)
 def known_keys():
     """Every key RecBole or the plugin documents: argument lists, RecBole's YAMLs, the plugin's YAMLs."""
-    import recbole
-    from recbole.utils import argument_list
-
     keys = set(PLUGIN_KEYS)
     for name in dir(argument_list):
         value = getattr(argument_list, name)

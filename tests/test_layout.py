@@ -1,12 +1,15 @@
 """The package's import graph: no circles (issue 27), so a module can be read, changed and tested from the bottom up."""
 
 import ast
+import io
 import os
+import tokenize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _import_graph():
+def _modules():
+    """{dotted module name: file path} of every module of the package."""
     modules = {}
     for folder, _, files in os.walk(os.path.join(REPO, "recbole_llm")):
         for name in files:
@@ -14,20 +17,25 @@ def _import_graph():
                 path = os.path.join(folder, name)
                 module = os.path.relpath(path, REPO)[:-3].replace(os.sep, ".")
                 modules[module.removesuffix(".__init__")] = path
+    return modules
+
+
+def _import_graph():
+    modules = _modules()
     graph = {module: set() for module in modules}
     for module, path in modules.items():
         with open(path) as f:
             tree = ast.parse(f.read())
         for node in ast.walk(tree):  # imports inside functions count too: they are edges all the same
             if isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+                # ``from package import a, b``: an edge to each submodule named, else to the module itself
+                names = [f"{node.module}.{alias.name}" for alias in node.names]
+                names = [name for name in names if name in modules] or [node.module]
             elif isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
             else:
                 continue
-            targets = [name for name in names if name in modules and name not in ("recbole_llm", module)]
-            if targets:
-                graph[module].add(max(targets, key=len))
+            graph[module].update(name for name in names if name in modules and name not in ("recbole_llm", module))
     return graph
 
 
@@ -96,3 +104,65 @@ def test_a_method_knows_no_other_method():
         assert not graph[module] & set(LASER), (module, graph[module])
     for module in SHARED_SIDE_MODELS:
         assert not graph[module] & set(LASER + SERALM), (module, graph[module])
+
+
+def _unexplained_function_imports(path):
+    """(line, statement) of each import inside a function of the file at ``path`` with no reason next to it: a
+    comment on its own line(s) or on the line just above (a comment above the first of consecutive imports covers
+    them all). A bare ``noqa`` or ``type:`` comment is no reason."""
+    with open(path) as f:
+        source = f.read()
+    lines = source.splitlines()
+    comments = {token.start[0]: token.string.lstrip("#").strip()
+                for token in tokenize.generate_tokens(io.StringIO(source).readline) if token.type == tokenize.COMMENT}
+
+    def reason_on(lineno):
+        return bool(comments.get(lineno)) and not comments[lineno].startswith(("noqa", "type:"))
+
+    found, seen = [], set()
+    for function in ast.walk(ast.parse(source)):
+        if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(function):
+            for field in ("body", "orelse", "finalbody"):
+                statements = getattr(node, field, None)
+                if not isinstance(statements, list):
+                    continue
+                covered = False  # the previous statement is an import that has its reason
+                for statement in statements:
+                    if not isinstance(statement, (ast.Import, ast.ImportFrom)):
+                        covered = False
+                        continue
+                    above = statement.lineno - 1
+                    covered = (covered or any(reason_on(n) for n in range(statement.lineno, statement.end_lineno + 1))
+                               or (above >= 1 and lines[above - 1].strip().startswith("#") and reason_on(above)))
+                    if not covered and id(statement) not in seen:
+                        seen.add(id(statement))
+                        found.append((statement.lineno, lines[statement.lineno - 1].strip()))
+    return found
+
+
+def test_imports_inside_functions_say_why():
+    """An import inside a function (a late import) needs its reason in a comment: an optional or heavy dependency
+    (ray, peft, transformers...), the package's registration... Any other import goes at the top of the module."""
+    unexplained = {os.path.relpath(path, REPO): found for path in _modules().values()
+                   if (found := _unexplained_function_imports(path))}
+    assert unexplained == {}
+
+
+def test_the_late_import_check_reads_comments(tmp_path):
+    source = tmp_path / "example.py"
+    source.write_text(
+        "def f():\n"
+        "    import json\n"  # no reason
+        "    import re  # noqa: F401\n"  # no reason either
+        "    # heavy: a reason above covers the imports that follow it directly\n"
+        "    import ray\n"
+        "    from ray import tune\n"
+        "\n"
+        "    x = 1\n"
+        "    import glob\n"  # after other code: needs its own
+        "    import csv  # optional: a reason on the line\n"
+        "    return x\n")
+    assert _unexplained_function_imports(str(source)) == [(2, "import json"), (3, "import re  # noqa: F401"),
+                                                          (9, "import glob")]

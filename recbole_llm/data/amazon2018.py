@@ -35,6 +35,7 @@ import html
 import json
 import os
 import re
+import urllib.request
 from collections import Counter
 
 from tqdm import tqdm
@@ -169,8 +170,6 @@ def convert(reviews, meta, name, out="dataset", k=5):
 
 def download(url, dest):
     """Download ``url`` to ``dest`` with a progress bar, through a temporary file renamed at the end."""
-    import urllib.request
-
     with atomic_path(dest, suffix=".part") as tmp:
         with open(tmp, "wb") as out, urllib.request.urlopen(url) as response:
             total = int(response.headers.get("Content-Length") or 0) or None

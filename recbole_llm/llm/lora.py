@@ -9,11 +9,12 @@ import torch
 
 from recbole_llm.config import config_get
 from recbole_llm.keys import seralm_get
+from recbole_llm.llm import loader  # called as loader.load_causal_lm, so tests that monkeypatch it reach this call
 
 
 def lora_config_from(config):
     """peft LoraConfig from ``lora_r``, ``lora_alpha``, ``lora_dropout``, ``lora_target_modules``."""
-    from peft import LoraConfig
+    from peft import LoraConfig  # heavy: peft imports transformers, ~3 s; only LoRA runs need it
 
     targets = seralm_get(config, "lora_target_modules")
     if isinstance(targets, str):
@@ -30,13 +31,11 @@ def build_lora_llm(config, device=None, dtype="auto"):
     """The frozen LLM of ``llm_path`` (bundled SmolLM2 when unset) with fresh LoRA adapters (B = 0, so
     it starts identical to the original LLM); only the LoRA parameters are trainable. ``dtype`` of the base
     weights: "auto" (bf16/fp16 on CUDA, fp32 on CPU) or a torch dtype."""
-    from peft import get_peft_model
+    from peft import get_peft_model  # heavy: peft, ~3 s to import
 
-    from recbole_llm.llm.loader import load_causal_lm
-
-    llm, tokenizer = load_causal_lm(config_get(config, "llm_path"), device=device, dtype=dtype,
-                                    num_layers=config_get(config, "llm_num_layers"),
-                                    trust_remote_code=bool(seralm_get(config, "llm_trust_remote_code")))
+    llm, tokenizer = loader.load_causal_lm(config_get(config, "llm_path"), device=device, dtype=dtype,
+                                           num_layers=config_get(config, "llm_num_layers"),
+                                           trust_remote_code=bool(seralm_get(config, "llm_trust_remote_code")))
     seed = int(config_get(config, "seed", 0))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # LoRA A init is random: same seed, same adapter in trainer and actor
@@ -54,13 +53,13 @@ def build_lora_llm(config, device=None, dtype="auto"):
 
 def lora_state(model):
     """The LoRA parameters only, as CPU tensor copies (what a snapshot sends)."""
-    from peft import get_peft_model_state_dict
+    from peft import get_peft_model_state_dict  # heavy: peft, ~3 s to import
 
     return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
 
 
 def load_lora_state(model, state):
-    from peft import set_peft_model_state_dict
+    from peft import set_peft_model_state_dict  # heavy: peft, ~3 s to import
 
     result = set_peft_model_state_dict(model, state)
     unexpected = getattr(result, "unexpected_keys", None) or []

@@ -8,6 +8,8 @@ disaster movies"). The figure shows the idea, not a verbatim string; the wording
 
 import hashlib
 
+from recbole_llm.llm.generate import build_chat_prompts
+
 KNOWLEDGE_SYSTEM = "Be brief."  # short on purpose: the prompt's prefill dominates CPU generation time
 
 # The item comes last so that every prompt shares everything before it (encoded once, see
@@ -31,8 +33,6 @@ def knowledge_prompt_parts(tokenizer, system=KNOWLEDGE_SYSTEM):
     The space before the item text goes with the item (as " word" tokenises differently from " " + "word"),
     so tokenising prefix and suffix separately gives the same tokens as the whole prompt.
     """
-    from recbole_llm.llm.generate import build_chat_prompts
-
     sentinel = "\u0000ITEM\u0000"
     prompt = build_chat_prompts(tokenizer, [knowledge_prompt(sentinel)], system=system)[0]
     if prompt.count(sentinel) != 1:

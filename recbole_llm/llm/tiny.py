@@ -12,6 +12,7 @@ import string
 import tempfile
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 
@@ -42,7 +43,7 @@ def _corpus():
 
 def build_tiny_tokenizer(vocab_size=400, chat_template=CHAT_TEMPLATE):
     """A byte-level BPE fast tokenizer: any UTF-8 text tokenises (no unknowns), built in milliseconds."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    # heavy: transformers takes ~1 s to import; a test that imports this module may build no model
     from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
@@ -62,7 +63,7 @@ def build_tiny_tokenizer(vocab_size=400, chat_template=CHAT_TEMPLATE):
 
 def make_tiny_llm_dir(path, hidden_size=32, num_layers=2, num_heads=2, vocab_size=400, seed=0):
     """Save a seeded random LlamaForCausalLM + tokenizer into ``path``; returns ``path``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM  # heavy: transformers, ~1 s to import
 
     tokenizer = build_tiny_tokenizer(vocab_size=vocab_size)
     config = LlamaConfig(
@@ -87,7 +88,7 @@ def make_tiny_llm_dir(path, hidden_size=32, num_layers=2, num_heads=2, vocab_siz
 
 def make_tiny_encoder_dir(path, hidden_size=32, num_layers=2, num_heads=2, vocab_size=400, seed=0):
     """Save a seeded random BertModel + tokenizer into ``path``; returns ``path``."""
-    from transformers import BertConfig, BertModel
+    from transformers import BertConfig, BertModel  # heavy: transformers, ~1 s to import
 
     tokenizer = build_tiny_tokenizer(vocab_size=vocab_size, chat_template=None)
     config = BertConfig(
@@ -107,7 +108,7 @@ def make_tiny_encoder_dir(path, hidden_size=32, num_layers=2, num_heads=2, vocab
 
 
 def _save_quietly(model, tokenizer, path):
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # heavy: transformers, ~1 s to import
 
     hf_logging.disable_progress_bar()  # no "Writing model shards" bars in test output
     try:

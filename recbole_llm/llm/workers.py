@@ -14,6 +14,8 @@ import logging
 import os
 from collections import deque
 
+import torch
+
 from recbole_llm.config import config_get
 from recbole_llm.errors import ConfigError
 
@@ -33,8 +35,6 @@ def worker_settings(config):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{key} must be an integer >= 1, got {value!r}")
     if gpus is None:
-        import torch
-
         gpus = 1 if torch.cuda.is_available() else 0
     if not isinstance(gpus, (int, float)) or isinstance(gpus, bool) or gpus < 0:
         raise ConfigError(f"llm_worker_gpus must be a number >= 0 (a fraction shares a GPU) or ~, got {gpus!r}")
@@ -44,7 +44,7 @@ def worker_settings(config):
 def start_ray(address=None, num_cpus=1):
     """(ray, started): Ray as it runs, else started here, locally with ``num_cpus`` (rounded up; Ray finds the GPUs
     itself) or connected to the cluster at ``address``."""
-    import ray
+    import ray  # heavy: ray takes ~0.4 s to import; only llm_workers > 1 needs it
 
     if ray.is_initialized():
         return ray, False
@@ -132,7 +132,5 @@ class WorkerPool:
 
 def set_worker_threads(num_cpus):
     """Torch threads of a worker process: its share of the CPUs (Ray leaves OMP_NUM_THREADS at 1)."""
-    import torch
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(max(1, int(num_cpus)))

@@ -16,10 +16,13 @@ script (which scores it before any ``fit``: its FLOPs count) has it trained on f
 import os
 
 import torch
+from recbole.model.sequential_recommender.bert4rec import BERT4Rec
 from torch import nn
 
 from recbole_llm.cached_model import DATA_KEYS, cache_key, key_values, load_recommender_weights, preserved_rng
+from recbole_llm.config import Config
 from recbole_llm.fingerprint import data_digest
+from recbole_llm.registry import get_model
 
 SUPPORTED_SR = ("BERT4Rec", "SASRec")
 
@@ -60,8 +63,6 @@ def cache_path(config, sr_config, digest):
 
 
 def build_sr_config(config):
-    from recbole_llm.config import Config
-
     return Config(model=config["frozen_sr_model"], dataset=config["dataset"],
                   config_dict=sr_config_dict(config), cmd_args=[])
 
@@ -125,7 +126,7 @@ class FrozenSR(nn.Module):
         positions = torch.arange(item_seq.size(1), device=item_seq.device)
         mask = positions.unsqueeze(0) < item_seq_len.unsqueeze(1)
         sr = self.recommender
-        if isinstance(sr, _bert4rec_class()):
+        if isinstance(sr, BERT4Rec):
             if predictive:  # the input BERT4Rec predicts from: [MASK] after the last item (oldest item dropped)
                 item_seq = sr.reconstruct_test_data(item_seq, item_seq_len)
                 mask = positions.unsqueeze(0) < item_seq_len.unsqueeze(1)
@@ -133,12 +134,6 @@ class FrozenSR(nn.Module):
         else:
             states = _sasrec_all_positions(sr, item_seq)
         return states, mask
-
-
-def _bert4rec_class():
-    from recbole.model.sequential_recommender.bert4rec import BERT4Rec
-
-    return BERT4Rec
 
 
 def _sasrec_all_positions(sr, item_seq):
@@ -162,8 +157,6 @@ def build_frozen_sr(config, dataset):
     """The frozen SR of the Laser ``config``/``dataset``, with its trained weights if they exist already (a given
     ``frozen_sr_checkpoint`` must). Built without moving the global RNG, so Laser's own init is the same
     whether the SR was cached, trained this run or is still to be trained."""
-    from recbole_llm.registry import get_model
-
     sr_config = build_sr_config(config)
     path = frozen_sr_weights_file(config, sr_config)
     given = bool(config["frozen_sr_checkpoint"])

@@ -43,18 +43,27 @@ import os
 import time
 from collections import deque
 
+import recbole
 import torch
 import yaml
 from recbole.trainer import Trainer
 from recbole.utils import set_color
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from recbole_llm.cached_model import DATA_KEYS, cache_key, preserved_rng
 from recbole_llm.checkpoint import atomic_torch_save, load_checkpoint
-from recbole_llm.config import config_get
+from recbole_llm.config import Config, config_get, plugin_model_yamls
+# knowledge and cached_recommender are called through their modules, so tests that monkeypatch
+# knowledge.generate_knowledge or cached_recommender.trained_recommender reach these calls
+from recbole_llm.data import knowledge
 from recbole_llm.errors import ConfigError
 from recbole_llm.faults import kill_point
 from recbole_llm.fileio import atomic_path
+from recbole_llm.fingerprint import data_digest
 from recbole_llm.keys import seralm_get
+from recbole_llm.llm.generate import sequence_logprobs
+from recbole_llm.trainer import cached_recommender
 from recbole_llm.trainer.alignment_loss import alignment_llm_loss, importance_weights
 from recbole_llm.trainer.alignment_resume import (
     alignment_state_path,
@@ -92,10 +101,6 @@ def base_model_name(config):
 
 def _model_yaml_keys(name):
     """Hyperparameter keys of a model: its RecBole YAML, or the plugin's."""
-    import recbole
-
-    from recbole_llm.config import plugin_model_yamls
-
     keys = set()
     for path in (os.path.join(os.path.dirname(recbole.__file__), "properties", "model", f"{name}.yaml"),
                  *plugin_model_yamls(name)):
@@ -108,8 +113,6 @@ def _model_yaml_keys(name):
 def frozen_base_config_dict(config, name):
     """Config of the frozen base: the SeRALM run's data/split keys and the base architecture's own
     hyperparameters taken from the SeRALM config (same sizes), trained for ``frozen_base_epochs``."""
-    from recbole_llm.cached_model import DATA_KEYS
-
     values = {k: config[k] for k in DATA_KEYS if k in config and config[k] is not None}
     for key in _model_yaml_keys(name) | {"learning_rate", "train_batch_size", "stopping_step", "weight_decay",
                                           "loss_type", "eval_step"}:
@@ -129,18 +132,13 @@ def load_frozen_base(config, dataset):
     data/split and cached (``frozen_base_cache_dir`` or <checkpoint_dir>/frozen_base), keyed by the dataset
     files' digest and the base's config (trained and cached by recbole_llm.trainer.cached_recommender).
     Global RNG state is left as found."""
-    from recbole_llm.config import Config
-    from recbole_llm.fingerprint import data_digest
-    from recbole_llm.cached_model import cache_key, preserved_rng
-    from recbole_llm.trainer.cached_recommender import trained_recommender
-
     name = base_model_name(config)
     values = frozen_base_config_dict(config, name)
     with preserved_rng():
         base_config = Config(model=name, dataset=config["dataset"], config_dict=values, cmd_args=[])
     key = cache_key(values, data_digest(config))
     folder = config_get(config, "frozen_base_cache_dir") or os.path.join(config["checkpoint_dir"], "frozen_base")
-    model = trained_recommender(
+    model = cached_recommender.trained_recommender(
         base_config, dataset, given=config_get(config, "frozen_base_checkpoint"), key="frozen_base_checkpoint",
         cache_file=os.path.join(folder, f"{name}-{config['dataset']}-{key}.pth"),
         show_progress=bool(config["show_progress"]),
@@ -159,8 +157,6 @@ def adapter_path(checkpoint_file):
 
 def save_adapter(state, path, version):
     """safetensors file of the LoRA state, written atomically (temp file + rename)."""
-    from safetensors.torch import save_file
-
     with atomic_path(path, suffix=".safetensors") as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata={"adapter_version": version})
 
@@ -255,10 +251,8 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
         return int(seralm_get(self.config, "alignment_epochs")) * len(train_data)
 
     def make_generator(self, dataset, frozen_base):
-        from recbole_llm.data.knowledge import grounding_prefixes
-
         options = generator_options(self.config)
-        options["grounding"] = grounding_prefixes(dataset, self.config)
+        options["grounding"] = knowledge.grounding_prefixes(dataset, self.config)
         prompts = item_prompts(dataset, self.config, self.tokenizer)
         encode = KnowledgeEncoder(self.config, device=self.device)
         if self.generator_mode == "ray":
@@ -357,8 +351,6 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
 
     def alignment_step(self, interaction, sample, llm_optimizer):
         """Lines 5-6 of Algorithm 1 for one batch and its generator sample; returns logged numbers."""
-        from recbole_llm.llm.generate import sequence_logprobs
-
         interaction = interaction.to(self.device)
         # Line 5 / Eq. 9: the recommender maximises log p(y|x,s) with each instance's own sampled knowledge as
         # input; rows that sampled the same items share one pass, weighted so the sum is the batch mean.
@@ -405,18 +397,16 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
 
     def regenerate_knowledge(self, dataset, show_progress=False):
         """Phase C: every item's knowledge from the aligned LLM, re-encoded; replaces the model's matrix."""
-        from recbole_llm.data.knowledge import encode_knowledge, generate_knowledge, grounded_texts
-
         state = lora_state(self.llm)
         self.adapter_version = "lora-" + state_digest(state)
         self.llm.eval()
-        texts = generate_knowledge(dataset, self.config, llm=self.llm, tokenizer=self.tokenizer,
-                                   adapter_version=self.adapter_version, progress=show_progress, lora=state)
-        texts = grounded_texts(dataset, self.config, texts)
+        texts = knowledge.generate_knowledge(dataset, self.config, llm=self.llm, tokenizer=self.tokenizer,
+                                             adapter_version=self.adapter_version, progress=show_progress, lora=state)
+        texts = knowledge.grounded_texts(dataset, self.config, texts)
         if getattr(self.model, "train_text_encoder", False):
             self.model.set_knowledge_texts(texts)  # encoded by the model's own, jointly trained encoder
         else:
-            self.model.set_knowledge_vectors(encode_knowledge(texts, self.config, progress=show_progress))
+            self.model.set_knowledge_vectors(knowledge.encode_knowledge(texts, self.config, progress=show_progress))
         self.logger.info(set_color("alignment phase C", "green")
                          + f": knowledge regenerated with adapter {self.adapter_version}")
 

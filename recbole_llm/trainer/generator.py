@@ -37,7 +37,11 @@ from collections import deque
 import torch
 import torch.nn.functional as F
 
+from recbole_llm.data.knowledge import encode_texts, ground, item_source_texts, knowledge_prompts
 from recbole_llm.keys import seralm_get
+# called as loader.load_text_encoder, so tests that monkeypatch it reach this call
+from recbole_llm.llm import loader
+from recbole_llm.llm.generate import generate_with_ids, sequence_logprobs
 from recbole_llm.llm.lora import build_lora_llm, state_digest
 from recbole_llm.llm.workers import start_ray, stop_ray
 from recbole_llm.trainer.alignment_loss import membership_matrix
@@ -146,19 +150,14 @@ class KnowledgeEncoder:
         return state
 
     def __call__(self, texts):
-        from recbole_llm.data.knowledge import encode_texts
-        from recbole_llm.llm.loader import load_text_encoder
-
         if self.encoder is None:
-            self.encoder = load_text_encoder(self.path, device=self.device)
+            self.encoder = loader.load_text_encoder(self.path, device=self.device)
         model, tokenizer = self.encoder
         return encode_texts(model, tokenizer, texts, self.max_length)
 
 
 def item_prompts(dataset, config, tokenizer):
     """The knowledge prompt (chat template applied) of every item, by internal id ("" for padding)."""
-    from recbole_llm.data.knowledge import item_source_texts, knowledge_prompts
-
     texts = item_source_texts(dataset, config)
     return [""] + knowledge_prompts(texts[1:], tokenizer)
 
@@ -206,8 +205,6 @@ class GeneratorCore:
     @torch.no_grad()
     def produce(self, interaction, seed=None):
         """(s, log p(y|x,s), log p(y|x), per-token log p_orig(s|x)) for one interaction batch; CPU tensors."""
-        from recbole_llm.llm.generate import generate_with_ids, sequence_logprobs
-
         if self.snapshot is None:
             raise RuntimeError("the generator has no snapshot yet: call refresh() before the first batch.")
         opts = self.options
@@ -232,8 +229,6 @@ class GeneratorCore:
             orig = sequence_logprobs(self.llm, prompt_ids, gen_ids, batch_size=int(opts["gen_batch_size"]),
                                      pad_token_id=self.tokenizer.pad_token_id)
         self.llm.train(was_training)
-        from recbole_llm.data.knowledge import ground
-
         texts = ground(opts.get("grounding"), unique, [g["text"] for g in gens])  # as the encoder reads them
         if getattr(rec, "train_text_encoder", False):
             vectors = rec.encode_knowledge_texts(texts).float()  # the snapshot's encoder, trained with the model

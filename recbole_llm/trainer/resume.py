@@ -9,9 +9,11 @@ from it; on CPU the continued run then ends with the same metrics as an uninterr
 removed when training finishes.
 """
 
+import glob
 import hashlib
 import os
 import random
+import re
 
 import numpy as np
 import torch
@@ -50,9 +52,6 @@ def run_fingerprint(config):
 
 def other_resume_states(config):
     """Resume states of the same model and dataset written for another config or other data."""
-    import glob
-    import re
-
     prefix = f"{config['model']}-{config['dataset']}-"
     pattern = os.path.join(glob.escape(config["checkpoint_dir"]), glob.escape(prefix) + "*.resume.pth")
     own = os.path.abspath(resume_state_path(config))

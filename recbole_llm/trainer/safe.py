@@ -11,6 +11,7 @@ from recbole.utils import set_color
 from torch.nn.parallel import DistributedDataParallel
 
 from recbole_llm.checkpoint import atomic_torch_save, load_checkpoint
+from recbole_llm.config import Config
 from recbole_llm.faults import with_kill_point
 from recbole_llm.trainer.resume import (capture_random_state, data_files_digest, other_resume_states,
                                         restore_random_state, resume_state_path, run_fingerprint)
@@ -19,8 +20,6 @@ from recbole_llm.trainer.resume import (capture_random_state, data_files_digest,
 def as_plugin_config(config):
     """The config as a plugin ``Config`` (a stock RecBole Config pickles two classes that the safe loader
     refuses; the plugin Config drops them when saved and rebuilds them when loaded)."""
-    from recbole_llm.config import Config
-
     if isinstance(config, Config):
         return config
     converted = Config.__new__(Config)

@@ -39,8 +39,12 @@ from recbole.model.sequential_recommender.lightsans import LightSANs
 from recbole.model.sequential_recommender.sasrec import SASRec
 
 from recbole_llm.config import apply_plugin_defaults
-from recbole_llm.data.knowledge import GROUNDINGS, KNOWLEDGE_SOURCES
+# knowledge and loader are called through their modules, so tests that monkeypatch
+# knowledge.knowledge_matrix or loader.load_text_encoder reach these calls
+from recbole_llm.data import knowledge
+from recbole_llm.data.knowledge import GROUNDINGS, KNOWLEDGE_SOURCES, knowledge_texts
 from recbole_llm.keys import seralm_get
+from recbole_llm.llm import loader
 from recbole_llm.model.sequential_recommender.paup import PAUP
 from recbole_llm.trainer.alignment_loss import BASELINES
 from recbole_llm.validation import (NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, PROBABILITY,
@@ -245,9 +249,7 @@ class SeRALMMixin:
             if not dim:
                 raise ValueError("knowledge_source: checkpoint needs knowledge_text_dim (saved in the checkpoint's config).")
             return torch.zeros(self.n_items, int(dim))
-        from recbole_llm.data.knowledge import knowledge_matrix
-
-        vectors = knowledge_matrix(dataset, config)
+        vectors = knowledge.knowledge_matrix(dataset, config)
         config["knowledge_text_dim"] = int(vectors.size(1))  # recorded in checkpoints for knowledge_source: checkpoint
         return vectors
 
@@ -325,15 +327,12 @@ class SeRALMMixin:
     # Alignment (phase B) also encodes each sampled text with this encoder, with gradients, and phase C hands
     # the aligned texts to set_knowledge_texts.
     def _setup_text_encoder(self, config, dataset):
-        from recbole_llm.data.knowledge import knowledge_texts
-        from recbole_llm.llm.loader import load_text_encoder
-
         if config["knowledge_source"] == "checkpoint":
             texts = [""] * self.n_items  # filled by the state_dict that follows (the saved texts)
         else:
             texts = knowledge_texts(dataset, config)
         self.knowledge_text_store = KnowledgeTexts(texts)
-        encoder, tokenizer = load_text_encoder(seralm_get(config, "encoder_path"), device="cpu", dtype="float32")
+        encoder, tokenizer = loader.load_text_encoder(seralm_get(config, "encoder_path"), device="cpu", dtype="float32")
         for param in encoder.parameters():
             param.requires_grad_(True)
         if seralm_get(config, "text_encoder_checkpointing"):
