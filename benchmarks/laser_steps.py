@@ -5,11 +5,12 @@
 The CPU profile's model on a fixed random subset of validation users (``--users``, drawn with seed 0), ranked over
 all items against an item matrix recomputed from the current weights before every evaluation (ties counted
 against the positive). Training is the model's own ``calculate_loss`` with Adam at the config's learning rate,
-over RecBole's training loader, with no stage 2. Besides NDCG@10 it prints the cross-entropy the current
-scores would give at several temperatures, the NDCG of popularity alone, how popular the top-10 are (ratio to
-the mean item) and the mean cosine between user embeddings: a model that lowers its loss by making every user
-alike shows a rising user cosine and popular top-10s. The last line is ``RESULT <json>`` with every evaluation
-(step, NDCG@10 ties against, NDCG@10 ties for, MRR, geometric mean rank, seconds).
+over RecBole's training loader, as stage 1 (shared towers) or, with ``--stage2``, as stage 2 (item side frozen).
+Besides NDCG@10 it prints the cross-entropy the current scores would give at several temperatures, the NDCG of
+popularity alone, how popular the top-10 are (ratio to the mean item) and the mean cosine between user embeddings:
+a model that lowers its loss by making every user alike shows a rising user cosine and popular top-10s. The last
+line is ``RESULT <json>`` with every evaluation (step, NDCG@10 ties against, NDCG@10 ties for, MRR, geometric mean
+rank, seconds).
 """
 
 import argparse
@@ -45,6 +46,9 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--refresh_every", type=int, default=0,
                         help="also recompute the item matrix every N training steps (0: only before evaluations)")
+    parser.add_argument("--stage2", action="store_true",
+                        help="train as stage 2 does: the item side (its prefix module and suffix) frozen at the "
+                             "initial weights, so the item matrix stays fixed while the user side trains")
     parser.add_argument("--tag", default="")
     parser.add_argument("set", nargs="*", metavar="KEY=VALUE", help="config overrides (YAML values)")
     return parser.parse_args(argv)
@@ -101,8 +105,10 @@ def main(argv=None):
                 float(torch.exp(torch.log(ranks + 1).mean())))
 
     start = time.time()
+    if args.stage2:
+        model.freeze_item_side()
     result = {"tag": args.tag, "set": overrides, "steps": args.steps, "refresh_every": args.refresh_every,
-              "evals": []}
+              "stage2": args.stage2, "evals": []}
 
     def record(step, losses):
         values = evaluate()
