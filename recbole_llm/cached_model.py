@@ -5,6 +5,7 @@ loading its weights. Training it is the trainer layer's (``recbole_llm.trainer.c
 import contextlib
 import hashlib
 import json
+import os
 import random
 
 import numpy as np
@@ -62,6 +63,13 @@ def preserved_rng():
         random.setstate(state[0])
         np.random.set_state(state[1])
         torch.set_rng_state(state[2])
+
+
+def require_given_checkpoint(path, key, config):
+    """A side model's checkpoint given by the user (config key ``key``) must exist."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{key} '{path}' does not exist; expected a RecBole {config['model']} checkpoint "
+                                f"trained on '{config['dataset']}'.")
 
 
 def load_recommender_weights(recommender, path, key, sr_config, trust=False, expected_keys=None):

@@ -19,7 +19,9 @@ import torch
 from recbole.model.sequential_recommender.bert4rec import BERT4Rec
 from torch import nn
 
-from recbole_llm.cached_model import DATA_KEYS, cache_key, key_values, load_recommender_weights, preserved_rng
+from recbole_llm.cached_model import (
+    DATA_KEYS, cache_key, key_values, load_recommender_weights, preserved_rng, require_given_checkpoint,
+)
 from recbole_llm.config import Config
 from recbole_llm.fingerprint import data_digest
 from recbole_llm.registry import get_model
@@ -159,10 +161,8 @@ def build_frozen_sr(config, dataset):
     whether the SR was cached, trained this run or is still to be trained."""
     sr_config = build_sr_config(config)
     path = frozen_sr_weights_file(config, sr_config)
-    given = bool(config["frozen_sr_checkpoint"])
-    if given and not os.path.isfile(path):
-        raise FileNotFoundError(f"frozen_sr_checkpoint '{path}' does not exist; expected a RecBole "
-                                f"{sr_config['model']} checkpoint trained on '{sr_config['dataset']}'.")
+    if config["frozen_sr_checkpoint"]:
+        require_given_checkpoint(path, "frozen_sr_checkpoint", sr_config)
     with preserved_rng():
         recommender = get_model(sr_config["model"])(sr_config, dataset)
     frozen = FrozenSR(recommender, sr_config, path, show_progress=bool(config["show_progress"]))
@@ -173,5 +173,5 @@ def build_frozen_sr(config, dataset):
 
 def trust_given_checkpoint(config):
     """Whether a given (not cached) frozen_sr_checkpoint may be unpickled with code (trust_pickled_checkpoint)."""
-    return bool(config["frozen_sr_checkpoint"]) and bool(config["trust_pickled_checkpoint"]) \
-        if "trust_pickled_checkpoint" in config else False
+    trust = config["trust_pickled_checkpoint"] if "trust_pickled_checkpoint" in config else False
+    return bool(config["frozen_sr_checkpoint"]) and bool(trust)

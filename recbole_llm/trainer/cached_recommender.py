@@ -14,7 +14,7 @@ import torch
 from recbole.data import create_dataset
 from recbole.utils import init_seed
 
-from recbole_llm.cached_model import load_recommender_weights, preserved_rng
+from recbole_llm.cached_model import load_recommender_weights, preserved_rng, require_given_checkpoint
 from recbole_llm.checkpoint import atomic_torch_save, load_checkpoint
 from recbole_llm.fileio import build_lock
 from recbole_llm.data.preparation import data_preparation
@@ -87,9 +87,7 @@ def trained_recommender(sr_config, dataset, given, key, cache_file, show_progres
     found, so the caller's own initialisation is the same whether or not training happened."""
     name = sr_config["model"]
     if given:
-        if not os.path.isfile(given):
-            raise FileNotFoundError(f"{key} '{given}' does not exist; expected a RecBole {name} checkpoint "
-                                    f"trained on '{sr_config['dataset']}'.")
+        require_given_checkpoint(given, key, sr_config)
         path = given
     else:
         path = cache_file
