@@ -15,7 +15,6 @@ rank, seconds).
 
 import argparse
 import json
-import math
 import os
 import sys
 import time

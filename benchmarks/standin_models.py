@@ -30,7 +30,8 @@ MARKER = "STANDIN.json"
 
 
 def _bundled_dirs():
-    from recbole_llm.llm.loader import bundled_encoder_dir, bundled_llm_gguf, convert_gguf
+    from recbole_llm.llm.bundled import bundled_encoder_dir, bundled_llm_gguf
+    from recbole_llm.llm.gguf import convert_gguf
 
     return {"llm": convert_gguf(bundled_llm_gguf()), "encoder": bundled_encoder_dir()}
 

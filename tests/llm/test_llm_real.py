@@ -14,7 +14,9 @@ import torch
 
 from recbole_llm.llm.encode import encode_texts_last, mean_pool_encode
 from recbole_llm.llm.generate import build_chat_prompts, generate_batched
-from recbole_llm.llm.loader import bundled_llm_gguf, converted_gguf_dir, hidden_size, load_causal_lm, load_text_encoder
+from recbole_llm.llm.bundled import bundled_llm_gguf
+from recbole_llm.llm.gguf import converted_gguf_dir
+from recbole_llm.llm.loader import hidden_size, load_causal_lm, load_text_encoder
 
 torch.set_num_threads(1)
 
