@@ -9,9 +9,9 @@ Extra --key=value flags are fixed config values for every trial.
 
 import argparse
 
-from recbole_llm.data.locate import PROFILES
-from recbole_llm.errors import UserInputError
-from recbole_llm.hyper import read_hyper_file, run_hyperopt, run_ray
+from recbole_llm.core.errors import UserInputError
+from recbole_llm.core.locate import PROFILES
+from recbole_llm.run.hyper import read_hyper_file, run_hyperopt, run_ray
 
 
 def parse_value(text):
@@ -22,7 +22,7 @@ def parse_value(text):
 
 def model_and_dataset(args, config_files):
     """--model/--dataset, else the last value set in the config files, as RecBole's run_hyper.py."""
-    from recbole_llm.quick_start import read_config_files
+    from recbole_llm.run.quick_start import read_config_files
 
     found = {}
     for _, content in read_config_files(config_files or []):
@@ -65,8 +65,8 @@ def main(argv=None):
             raise SystemExit(f"error: unrecognised argument '{item}'; fixed config values are --key=value")
         key, value = item[2:].split("=", 1)
         fixed[key] = parse_value(value)
-    from recbole_llm.data.locate import resolve_profile
-    from recbole_llm.quick_start import split_config_files
+    from recbole_llm.core.locate import resolve_profile
+    from recbole_llm.run.quick_start import split_config_files
 
     profile = resolve_profile(args.profile)
     config_files = split_config_files(args.config_files)
@@ -78,7 +78,7 @@ def main(argv=None):
         else:
             if args.display_file:
                 print(f"note: --display_file={args.display_file} is for hyperopt; ignored with --tool=ray")
-            from recbole_llm.quick_start import build_config
+            from recbole_llm.run.quick_start import build_config
 
             # Minimise or maximise as the config's valid metric says (RMSE/MAE: smaller is better).
             config = build_config(model, dataset, config_files, dict(fixed), cmd_args=[], profile=profile)

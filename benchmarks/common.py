@@ -164,7 +164,7 @@ def log_tail(path, n=15):
 
 def write_json(path, obj):
     """Atomic JSON write (temp file + rename)."""
-    from recbole_llm.fileio import atomic_path
+    from recbole_llm.core.fileio import atomic_path
 
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
@@ -172,7 +172,7 @@ def write_json(path, obj):
 
 
 def write_text(path, text):
-    from recbole_llm.fileio import atomic_write_text
+    from recbole_llm.core.fileio import atomic_write_text
 
     atomic_write_text(path, text)
 

@@ -15,7 +15,6 @@ rank, seconds).
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -31,8 +30,8 @@ from recbole.data import create_dataset  # noqa: E402
 from recbole.data.interaction import Interaction  # noqa: E402
 from recbole.utils import init_seed  # noqa: E402
 
-from recbole_llm.data.preparation import data_preparation  # noqa: E402
-from recbole_llm.quick_start import build_config, build_model  # noqa: E402
+from recbole_llm.core.preparation import data_preparation  # noqa: E402
+from recbole_llm.run.quick_start import build_config, build_model  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -6,7 +6,7 @@
     python benchmarks/quality.py --models SASRec Laser --seeds 1  # a subset (model names or variant ids, see --list)
     python benchmarks/quality.py --report-only                    # rebuild the table from the finished runs
 
-Every (dataset, variant, seed) goes through ``recbole_llm.quick_start.run_recbole_llm`` in its own child process
+Every (dataset, variant, seed) goes through ``recbole_llm.run.quick_start.run_recbole_llm`` in its own child process
 (so one run cannot affect the next, and the child's peak memory is known) with the same dataset YAML
 (leave-one-out, time order, full ranking over all items, Recall/NDCG/MRR@10), the model's profile YAML
 (``-cpu`` or paper sizes) and the variant's overrides below. Each finished run is appended to
@@ -199,7 +199,7 @@ def child_main(spec_path):
     with open(spec_path) as f:
         spec = json.load(f)
     os.chdir(spec["work_dir"])  # RecBole writes log/ and log_tensorboard/ into the working directory
-    from recbole_llm.quick_start import run_recbole_llm
+    from recbole_llm.run.quick_start import run_recbole_llm
 
     start = time.perf_counter()
     result = run_recbole_llm(spec["model"], spec["dataset"], config_dict=spec["config_dict"], cmd_args=[],
@@ -207,7 +207,7 @@ def child_main(spec_path):
     elapsed = time.perf_counter() - start
     saved_file = result.get("saved_model_file")
     if saved_file and not spec.get("keep_checkpoints"):
-        from recbole_llm.trainer.alignment_trainer import adapter_path
+        from recbole_llm.seralm.alignment.trainer import adapter_path
 
         for path in (saved_file, adapter_path(saved_file)):  # the checkpoint and a SeRALM LoRA adapter
             if os.path.isfile(path):
@@ -445,7 +445,7 @@ def plot(table, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    from recbole_llm.fileio import atomic_path
+    from recbole_llm.core.fileio import atomic_path
 
     datasets = [d for d, rows in table.items() if any(r["ok"] for r in rows.values())]
     if not datasets:

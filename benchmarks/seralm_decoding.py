@@ -22,11 +22,11 @@ if __package__ in (None, ""):
 
 from recbole.data import create_dataset  # noqa: E402
 
-from recbole_llm.data.knowledge import item_source_texts, knowledge_prompts, load_knowledge_llm  # noqa: E402
+from recbole_llm.llm.encode import mean_pool_encode  # noqa: E402
 from recbole_llm.llm.generate import generate_with_ids, sequence_logprobs  # noqa: E402
 from recbole_llm.llm.loader import load_text_encoder  # noqa: E402
-from recbole_llm.llm.encode import mean_pool_encode  # noqa: E402
-from recbole_llm.quick_start import build_config  # noqa: E402
+from recbole_llm.run.quick_start import build_config  # noqa: E402
+from recbole_llm.seralm.knowledge import item_source_texts, knowledge_prompts, load_knowledge_llm  # noqa: E402
 
 
 def repeated_trigram(ids):

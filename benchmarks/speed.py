@@ -11,7 +11,7 @@ Sections (each in its own child process, whose peak RSS is reported; on CUDA als
   in items/s, against the frozen LLM backbone's own forward on the SAME batch shapes (the [B, T] of every
   batch the refresh ran, recorded with a forward pre-hook, replayed with random embeddings and the same
   masks). ratio = refresh items/s / backbone items/s; 1.0 is the ceiling (no overhead around the LLM).
-- generation: SeRALM knowledge generation (``recbole_llm.data.knowledge.generate_knowledge``: prompts, batched
+- generation: SeRALM knowledge generation (``recbole_llm.seralm.knowledge.generate_knowledge``: prompts, batched
   greedy decoding, resumable cache writes) on a subset of items, against a plain ``model.generate()`` of the
   same prompts in the same batches. ratio = pipeline items/s / plain items/s: 1.0 = as fast as plain
   generate(); the pipeline may pass 1.0 because it encodes the prompts' shared prefix once per batch
@@ -86,9 +86,9 @@ def _build(model, dataset, config_dict, profile):
     from recbole.data import create_dataset
     from recbole.utils import init_logger, init_seed
 
-    from recbole_llm.data.preparation import data_preparation
-    from recbole_llm.quick_start import build_config, build_model
-    from recbole_llm.utils import get_trainer
+    from recbole_llm.core.lookup import get_trainer
+    from recbole_llm.core.preparation import data_preparation
+    from recbole_llm.run.quick_start import build_config, build_model
 
     config = build_config(model, dataset, config_dict=config_dict, cmd_args=[], profile=profile)
     init_seed(config["seed"], config["reproducibility"])
@@ -196,10 +196,10 @@ def section_generation(spec):
     from recbole.data import create_dataset
     from recbole.utils import init_seed
 
-    from recbole_llm.data.knowledge import (KnowledgeCache, generation_settings, item_source_texts,
-                                            knowledge_key, knowledge_prompts, load_knowledge_llm,
-                                            generate_knowledge)
-    from recbole_llm.quick_start import build_config
+    from recbole_llm.seralm.knowledge import (KnowledgeCache, generation_settings, item_source_texts,
+                                              knowledge_key, knowledge_prompts, load_knowledge_llm,
+                                              generate_knowledge)
+    from recbole_llm.run.quick_start import build_config
 
     config_dict = dict(spec["config_dict"], knowledge_source="llm")
     if spec.get("gen_batch"):
@@ -381,8 +381,8 @@ def section_workers(spec):
     from recbole.data import create_dataset
     from recbole.utils import init_seed
 
-    from recbole_llm.data.knowledge import KnowledgeCache, generate_knowledge, item_source_texts, knowledge_key
-    from recbole_llm.quick_start import build_config
+    from recbole_llm.run.quick_start import build_config
+    from recbole_llm.seralm.knowledge import KnowledgeCache, generate_knowledge, item_source_texts, knowledge_key
 
     config_dict = dict(spec["config_dict"], knowledge_source="llm", knowledge_batch_size=spec["workers_batch"])
     config = build_config(spec["model"], spec["dataset"], config_dict=config_dict, cmd_args=[],

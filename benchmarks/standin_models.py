@@ -30,7 +30,8 @@ MARKER = "STANDIN.json"
 
 
 def _bundled_dirs():
-    from recbole_llm.llm.loader import bundled_encoder_dir, bundled_llm_gguf, convert_gguf
+    from recbole_llm.llm.bundled import bundled_encoder_dir, bundled_llm_gguf
+    from recbole_llm.llm.gguf import convert_gguf
 
     return {"llm": convert_gguf(bundled_llm_gguf()), "encoder": bundled_encoder_dir()}
 
@@ -53,7 +54,7 @@ def build(src, out, seed=0):
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    from recbole_llm.fileio import atomic_dir
+    from recbole_llm.core.fileio import atomic_dir
 
     for part in PARTS:
         source, target = os.path.join(src, part), os.path.join(out, part)

@@ -18,8 +18,8 @@ def _register():
     _import_recbole_models_without_anomaly_mode()
 
     # registration: as above (package namespace); the model modules themselves are imported by name below
-    from recbole_llm.checkpoint import register_safe_globals
-    from recbole_llm.registry import PLUGIN_MODELS, PLUGIN_TRAINERS
+    from recbole_llm.core.checkpoint import register_safe_globals
+    from recbole_llm.core.registry import PLUGIN_MODELS, PLUGIN_TRAINERS
 
     register_safe_globals()
     for name, module_path in PLUGIN_MODELS.items():
@@ -52,8 +52,8 @@ def _import_recbole_models_without_anomaly_mode():
 
 _register()
 
-from recbole_llm.config import Config  # noqa: E402
-from recbole_llm.recommendations import recommend  # noqa: E402
-from recbole_llm.utils import get_model, get_trainer  # noqa: E402
+from recbole_llm.core.config import Config  # noqa: E402
+from recbole_llm.core.lookup import get_model, get_trainer  # noqa: E402
+from recbole_llm.run.recommendations import recommend  # noqa: E402
 
 __all__ = ["Config", "get_model", "get_trainer", "recommend", "__version__"]

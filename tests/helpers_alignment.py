@@ -9,6 +9,9 @@ import warnings
 
 import torch
 
+from recbole_llm.datasets.atomic import write_atomic
+from tests.helpers_data import INTER_FIELDS
+
 TINY_DATASET = "tinyalign"
 N_USERS, N_ITEMS, PER_USER = 24, 16, 7
 TITLE_WORDS = ["glass", "beaker", "tube", "steel", "scale", "lamp", "magnet", "kit", "pen", "paper", "gloves",
@@ -20,17 +23,17 @@ def write_tiny_dataset(folder):
     rng = random.Random(0)
     path = os.path.join(folder, TINY_DATASET)
     os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, f"{TINY_DATASET}.inter"), "w") as f:
-        f.write("user_id:token\titem_id:token\ttimestamp:float\n")
-        for user in range(N_USERS):
-            start = rng.randrange(N_ITEMS)
-            for t in range(PER_USER):  # mostly sequential patterns: item i then i+1
-                item = (start + t) % N_ITEMS if rng.random() < 0.8 else rng.randrange(N_ITEMS)
-                f.write(f"u{user}\ti{item}\t{t}\n")
-    with open(os.path.join(path, f"{TINY_DATASET}.item"), "w") as f:
-        f.write("item_id:token\ttitle:token\tbrand:token\n")
-        for item in range(N_ITEMS):
-            f.write(f"i{item}\t{TITLE_WORDS[item]} {TITLE_WORDS[(item * 3) % N_ITEMS]} set\tbrand{item % 3}\n")
+    inters = []
+    for user in range(N_USERS):
+        start = rng.randrange(N_ITEMS)
+        for t in range(PER_USER):  # mostly sequential patterns: item i then i+1
+            item = (start + t) % N_ITEMS if rng.random() < 0.8 else rng.randrange(N_ITEMS)
+            inters.append((f"u{user}", f"i{item}", t))
+    write_atomic(os.path.join(path, f"{TINY_DATASET}.inter"), INTER_FIELDS, inters)
+    items = [(f"i{item}", f"{TITLE_WORDS[item]} {TITLE_WORDS[(item * 3) % N_ITEMS]} set", f"brand{item % 3}")
+             for item in range(N_ITEMS)]
+    item_fields = [("item_id", "token"), ("title", "token"), ("brand", "token")]
+    write_atomic(os.path.join(path, f"{TINY_DATASET}.item"), item_fields, items)
     return folder
 
 
@@ -62,7 +65,7 @@ BASE_CONFIG = {
 
 def tiny_config(model, tmp_path, **overrides):
     """Plugin Config for ``model`` on the tiny dataset with tiny LLM/encoder; caches under tmp_path."""
-    from recbole_llm.config import Config
+    from recbole_llm.core.config import Config
     from recbole_llm.llm.tiny import tiny_encoder_dir, tiny_llm_dir
 
     values = dict(BASE_CONFIG, data_path=tiny_data_root(), llm_path=tiny_llm_dir(), encoder_path=tiny_encoder_dir(),
@@ -87,7 +90,7 @@ def tiny_data(config):
 def tiny_model(config, train_data):
     from recbole.utils import init_seed
 
-    from recbole_llm.utils import get_model
+    from recbole_llm.core.lookup import get_model
 
     init_seed(config["seed"], config["reproducibility"])
     return get_model(config["model"])(config, train_data._dataset).to(config["device"])

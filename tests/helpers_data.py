@@ -10,13 +10,15 @@ REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # CI keeps the shared data beside the clone (<repo>/../shared); so does the development machine.
 SHARED_SCIENTIFIC = os.path.join(os.path.dirname(REPO_DIR), "shared", "data", "amazon-scientific-2018")
 BUNDLED_SCIENTIFIC = os.path.join(REPO_DIR, "dataset", "amazon-scientific")
+# the .inter columns of the tiny datasets the Laser, SeRALM and alignment helpers write
+INTER_FIELDS = [("user_id", "token"), ("item_id", "token"), ("timestamp", "float")]
 
 
 def load_dataset(name, data_path=None, config_dict=None):
     """(config, dataset) for ``name`` built like the CLI does (dataset YAML auto-loaded), model SASRec."""
     from recbole.data import create_dataset
 
-    from recbole_llm.quick_start import build_config
+    from recbole_llm.run.quick_start import build_config
 
     config_dict = dict(config_dict or {})
     if data_path is not None:

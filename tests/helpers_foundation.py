@@ -24,10 +24,10 @@ def tiny_sasrec_config(tmp_path, **overrides):
     return cfg
 
 
-# A second process that takes recbole_llm.fileio.build_lock(argv[1]), says "locked", and 1 s later runs the
+# A second process that takes recbole_llm.core.fileio.build_lock(argv[1]), says "locked", and 1 s later runs the
 # code in argv[2] (with argv[3:] as ``args``) before it lets go: a stand-in for another run building the cache.
 _LOCK_HOLDER = ("import sys, time\n"
-                "from recbole_llm.fileio import build_lock\n"
+                "from recbole_llm.core.fileio import build_lock\n"
                 "args = sys.argv[3:]\n"
                 "with build_lock(sys.argv[1], 'a test job'):\n"
                 "    print('locked', flush=True)\n"

@@ -5,6 +5,8 @@ import random
 
 import torch
 
+from recbole_llm.datasets.atomic import write_atomic
+from tests.helpers_data import INTER_FIELDS
 from recbole_llm.llm.tiny import tiny_llm_dir
 
 WORDS = ["microscope", "beaker", "glass", "tube", "kit", "digital", "scale", "magnet", "battery", "cable",
@@ -18,17 +20,15 @@ def write_tiny_dataset(root, name="tiny-laser", n_users=24, n_items=16, seed=0):
     rng = random.Random(seed)
     folder = os.path.join(str(root), name)
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, f"{name}.item"), "w") as f:
-        f.write("item_id:token\ttitle:token\tbrand:token\tcategories:token_seq\n")
-        for i in range(n_items):
-            title = " ".join(rng.sample(WORDS, 2)) + f" {i}"
-            f.write(f"i{i}\t{title}\t{BRANDS[i % len(BRANDS)]}\tscience|lab {i % 3}\n")
-    with open(os.path.join(folder, f"{name}.inter"), "w") as f:
-        f.write("user_id:token\titem_id:token\ttimestamp:float\n")
-        for u in range(n_users):
-            start = rng.randrange(n_items)
-            for t in range(rng.randint(5, 9)):
-                f.write(f"u{u}\ti{(start + t) % n_items}\t{t}\n")
+    items = [(f"i{i}", " ".join(rng.sample(WORDS, 2)) + f" {i}", BRANDS[i % len(BRANDS)], ["science", f"lab {i % 3}"])
+             for i in range(n_items)]
+    write_atomic(os.path.join(folder, f"{name}.item"),
+                 [("item_id", "token"), ("title", "token"), ("brand", "token"), ("categories", "token_seq")], items)
+    inters = []
+    for u in range(n_users):
+        start = rng.randrange(n_items)
+        inters += [(f"u{u}", f"i{(start + t) % n_items}", t) for t in range(rng.randint(5, 9))]
+    write_atomic(os.path.join(folder, f"{name}.inter"), INTER_FIELDS, inters)
     return folder
 
 
@@ -65,8 +65,8 @@ def build(root, name="tiny-laser", **overrides):
     from recbole.data import create_dataset, data_preparation
     from recbole.utils import init_seed
 
-    from recbole_llm.config import Config
-    from recbole_llm.quick_start import build_model
+    from recbole_llm.core.config import Config
+    from recbole_llm.run.quick_start import build_model
 
     if not os.path.isdir(os.path.join(str(root), name)):  # a test may have written its own variant of the data
         write_tiny_dataset(root, name)

@@ -6,6 +6,9 @@ import warnings
 
 import torch
 
+from recbole_llm.datasets.atomic import write_atomic
+from tests.helpers_data import INTER_FIELDS
+
 DATASET = "seralm-tiny"
 N_ITEMS = 12  # real items; RecBole adds the padding item 0
 N_USERS = 10
@@ -19,17 +22,14 @@ def write_tiny_dataset(root, n_items=N_ITEMS):
     """Atomic files for DATASET (its first ``n_items`` items) under ``root``; returns the data_path."""
     folder = os.path.join(str(root), DATASET)
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, f"{DATASET}.item"), "w", encoding="utf-8") as f:
-        f.write("item_id:token\ttitle:token\tbrand:token\tcategories:token_seq\n")
-        for i, (title, brand) in enumerate(zip(TITLES[:n_items], BRANDS[:n_items])):
-            f.write(f"i{i}\t{title}\t{brand}\tIndustrial & Scientific|Lab\n")
+    items = [(f"i{i}", title, brand, ["Industrial & Scientific", "Lab"])
+             for i, (title, brand) in enumerate(zip(TITLES[:n_items], BRANDS[:n_items]))]
+    write_atomic(os.path.join(folder, f"{DATASET}.item"),
+                 [("item_id", "token"), ("title", "token"), ("brand", "token"), ("categories", "token_seq")], items)
     g = torch.Generator().manual_seed(0)
-    with open(os.path.join(folder, f"{DATASET}.inter"), "w", encoding="utf-8") as f:
-        f.write("user_id:token\titem_id:token\ttimestamp:float\n")
-        for u in range(N_USERS):
-            items = torch.randperm(n_items, generator=g)[:8].tolist()
-            for t, i in enumerate(items):
-                f.write(f"u{u}\ti{i}\t{t}\n")
+    inters = [(f"u{u}", f"i{i}", t) for u in range(N_USERS)
+              for t, i in enumerate(torch.randperm(n_items, generator=g)[:8].tolist())]
+    write_atomic(os.path.join(folder, f"{DATASET}.inter"), INTER_FIELDS, inters)
     return str(root)
 
 
@@ -65,7 +65,7 @@ def build(model, tmp_path, **overrides):
     """(config, dataset, train_data, valid_data, test_data) for ``model`` on the tiny dataset."""
     from recbole.data import create_dataset, data_preparation
 
-    from recbole_llm.config import Config
+    from recbole_llm.core.config import Config
 
     config = Config(model=model, dataset=DATASET, config_dict=tiny_config_dict(tmp_path, **overrides), cmd_args=[])
     with warnings.catch_warnings():

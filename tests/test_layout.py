@@ -74,36 +74,46 @@ def test_no_import_circles():
     assert _cycles(_import_graph()) == []
 
 
-def test_the_core_knows_no_model():
-    """The config, its checks, the registry and the file helpers import no model, trainer or run module."""
-    graph = _import_graph()
-    core = ("recbole_llm.keys", "recbole_llm.validation", "recbole_llm.registry", "recbole_llm.errors",
-            "recbole_llm.fileio", "recbole_llm.fingerprint", "recbole_llm.faults", "recbole_llm.data.locate",
-            "recbole_llm.cached_model")
-    upward = ("recbole_llm.model", "recbole_llm.trainer", "recbole_llm.quick_start", "recbole_llm.cli")
-    for module in core:
-        assert not [t for t in graph[module] if t.startswith(upward)], (module, graph[module])
+# folder -> the folders its modules may import (besides their own). core and llm know no method; a method knows core
+# and llm; seralm also builds on PAUP as it builds on RecBole's SASRec (PAUP is a base recommender, not an LLM method);
+# run knows all. The package's __init__ registers the models by name (registry strings, not imports).
+MAY_IMPORT = {
+    "core": set(),
+    "llm": {"core"},
+    "datasets": {"core"},
+    "paup": {"core"},
+    "laser": {"core", "llm"},
+    "seralm": {"core", "llm", "paup"},
+    "run": {"core", "llm", "datasets", "paup", "laser", "seralm"},
+}
 
 
-LASER = ("recbole_llm.model.sequential_recommender.laser", "recbole_llm.model.sequential_recommender.mformer",
-         "recbole_llm.model.frozen_sr", "recbole_llm.trainer.laser_trainer")
-SERALM = ("recbole_llm.model.sequential_recommender.seralm", "recbole_llm.trainer.alignment_trainer",
-          "recbole_llm.trainer.alignment_loss", "recbole_llm.trainer.alignment_resume", "recbole_llm.trainer.generator",
-          "recbole_llm.data.knowledge")
-SHARED_SIDE_MODELS = ("recbole_llm.cached_model", "recbole_llm.trainer.cached_recommender", "recbole_llm.trainer.safe",
-                      "recbole_llm.trainer.resume")
+def _folder(module):
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 else None  # None: the package's __init__
 
 
-def test_a_method_knows_no_other_method():
-    """Laser and SeRALM share only core modules (a cached side model, safe checkpoints, resume), not each other's."""
-    graph = _import_graph()
-    for module in LASER:
-        assert not graph[module] & set(SERALM), (module, graph[module])
-        assert "recbole_llm.model.sequential_recommender.paup" not in graph[module]
-    for module in SERALM:
-        assert not graph[module] & set(LASER), (module, graph[module])
-    for module in SHARED_SIDE_MODELS:
-        assert not graph[module] & set(LASER + SERALM), (module, graph[module])
+def test_every_module_sits_in_a_known_folder():
+    assert {_folder(m) for m in _modules()} - {None} == set(MAY_IMPORT)
+
+
+def _wrong_imports(graph):
+    """{module: the modules it imports that its folder may not}"""
+    wrong = {module: sorted(t for t in targets if _folder(t) not in MAY_IMPORT[_folder(module)] | {_folder(module)})
+             for module, targets in graph.items() if _folder(module)}
+    return {module: targets for module, targets in wrong.items() if targets}
+
+
+def test_no_import_points_up_a_layer_or_into_another_method():
+    assert _wrong_imports(_import_graph()) == {}
+
+
+def test_the_folder_rules_catch_an_upward_or_sideways_import():
+    graph = {"recbole_llm.core.config": {"recbole_llm.core.keys", "recbole_llm.laser.model"},
+             "recbole_llm.laser.model": {"recbole_llm.seralm.model", "recbole_llm.llm.encode"},
+             "recbole_llm.seralm.model": {"recbole_llm.paup.model"}, "recbole_llm": {"recbole_llm.run.cli"}}
+    assert _wrong_imports(graph) == {"recbole_llm.core.config": ["recbole_llm.laser.model"],
+                                     "recbole_llm.laser.model": ["recbole_llm.seralm.model"]}
 
 
 def _unexplained_function_imports(path):

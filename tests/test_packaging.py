@@ -16,9 +16,8 @@ def _setup_cfg():
 
 def test_every_shipped_folder_is_a_found_package():
     # A folder of .py files left out of `packages` is missing from the wheel, and `import recbole_llm` then fails
-    # outside an editable install (found by review). A folder of package data (properties/model/*.yaml) left
-    # out makes setuptools warn at every install ("Package 'recbole_llm.properties.model' is absent from the
-    # `packages` configuration"), hence find_namespace:, which finds folders without __init__.py too.
+    # outside an editable install (found by review). A folder holding only package data would make setuptools warn
+    # at every install ("... is absent from the `packages` configuration"): each method's YAMLs sit in its package.
     cfg = _setup_cfg()
     finder = {"find:": find_packages, "find_namespace:": find_namespace_packages}[cfg["options"]["packages"].strip()]
     include = cfg["options.packages.find"]["include"].split()
@@ -28,7 +27,7 @@ def test_every_shipped_folder_is_a_found_package():
         dirs[:] = [d for d in dirs if d != "__pycache__"]
         if any(name.endswith((".py", ".yaml")) for name in files):
             folders.add(os.path.relpath(folder, REPO).replace(os.sep, "."))
-    assert "recbole_llm.properties.model" in folders
+    assert {"recbole_llm.core", "recbole_llm.laser", "recbole_llm.seralm.alignment", "recbole_llm.paup"} <= folders
     assert folders <= found, f"not packages: {sorted(folders - found)}"
 
 
@@ -65,7 +64,7 @@ def test_the_wheel_carries_the_yamls_and_the_bundled_data_and_a_non_editable_ins
                                                                                                 monkeypatch):
     import zipfile
 
-    from recbole_llm.data import locate
+    from recbole_llm.core import locate
 
     wheel = _build_wheel(tmp_path)
     with zipfile.ZipFile(wheel) as archive:
@@ -76,8 +75,9 @@ def test_the_wheel_carries_the_yamls_and_the_bundled_data_and_a_non_editable_ins
                      "properties/hyper/laser.hyper", "dataset/amazon-scientific/amazon-scientific.inter",
                      "dataset/amazon-scientific/amazon-scientific.item"):
             assert data + path in names, path
-        for path in ("recbole_llm/properties/model/Laser.yaml", "recbole_llm/properties/model/SeRALM.yaml",
-                     "recbole_llm/quick_start.py", "recbole_llm/llm/workers.py"):
+        for path in ("recbole_llm/laser/Laser.yaml", "recbole_llm/seralm/SeRALM.yaml", "recbole_llm/paup/PAUP.yaml",
+                     "recbole_llm/seralm/SASRecSeRALM.yaml",
+                     "recbole_llm/run/quick_start.py", "recbole_llm/llm/workers.py"):
             assert path in names, path
         # where pip puts <name>.data/data/ for an install: sys.prefix
         prefix = tmp_path / "prefix"

@@ -48,8 +48,8 @@ step speed_train 130 python3 benchmarks/speed.py --gpu --sections train eval --m
   --repeats 3 --train-batches 20 --results-dir "$OUT/speed-train" --work-dir /tmp/bench --timeout 60 \
   --set $SI frozen_sr_epochs=5
 # 4. the tiny-model tests of the LLM paths (the tests that leave use_gpu at its default run on CUDA)
-step pytest_cuda 150 python3 -m pytest -q -p no:cacheprovider tests/test_laser.py tests/test_alignment.py \
-  tests/test_llm.py --deselect tests/test_llm.py::test_bundled_paths_exist
+step pytest_cuda 150 python3 -m pytest -q -p no:cacheprovider tests/laser/test_laser.py tests/seralm/test_alignment.py \
+  tests/llm/test_llm.py --deselect tests/llm/test_llm.py::test_bundled_paths_exist
 nvidia-smi --query-gpu=memory.used --format=csv,noheader
 tar czf "$OUT/logs.tgz" /tmp/steplogs /tmp/bench/logs 2>/dev/null
 el done

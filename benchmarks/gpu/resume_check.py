@@ -1,5 +1,5 @@
 """--resume=True on CUDA (device machine): the tiny aligned SeRALM run and the tiny Laser run of
-tests/test_kill_resume.py with ``--use_gpu=True``, once uninterrupted and once killed mid-run then resumed.
+tests/core/test_kill_resume.py with ``--use_gpu=True``, once uninterrupted and once killed mid-run then resumed.
 Prints both test results; on CUDA they need not agree to the last digit (non-deterministic kernels)."""
 
 import os

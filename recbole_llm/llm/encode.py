@@ -9,12 +9,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from recbole_llm.llm.loader import backbone_of, hidden_size, input_embeddings, sdpa_for_backward
-
-
-def backbone(model):
-    """The decoder stack without the LM head (model.model for Llama-like models)."""
-    return backbone_of(model)
+from recbole_llm.llm.device import sdpa_for_backward
+from recbole_llm.llm.loader import backbone_of, hidden_size, input_embeddings
 
 
 def positions_from_mask(attention_mask):
@@ -29,7 +25,7 @@ def hidden_states_from_embeds(model, inputs_embeds, attention_mask):
     """
     attention_mask = attention_mask.to(inputs_embeds.device)
     with sdpa_for_backward(inputs_embeds.device):
-        out = backbone(model)(
+        out = backbone_of(model)(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=positions_from_mask(attention_mask),

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from recbole_llm.llm.encode import positions_from_mask
-from recbole_llm.llm.loader import sdpa_for_backward
+from recbole_llm.llm.device import sdpa_for_backward
 
 
 def build_chat_prompts(tokenizer, user_messages, system=None):

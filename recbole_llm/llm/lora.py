@@ -7,8 +7,8 @@ import hashlib
 
 import torch
 
-from recbole_llm.config import config_get
-from recbole_llm.keys import seralm_get
+from recbole_llm.core.config import config_get
+from recbole_llm.core.keys import seralm_get
 from recbole_llm.llm import loader  # called as loader.load_causal_lm, so tests that monkeypatch it reach this call
 
 

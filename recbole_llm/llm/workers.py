@@ -16,8 +16,8 @@ from collections import deque
 
 import torch
 
-from recbole_llm.config import config_get
-from recbole_llm.errors import ConfigError
+from recbole_llm.core.config import config_get
+from recbole_llm.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
