@@ -16,8 +16,10 @@ from recbole.config import Config as RecBoleConfig
 PLUGIN_YAML_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# model name -> YAMLs of keys it shares with other models, loaded before its own
-SHARED_YAMLS = {name: ("SeRALM",) for name in ("CaserSeRALM", "SASRecSeRALM", "PAUPSeRALM", "LightSANsSeRALM")}
+# model name -> YAMLs of keys it shares with other models, loaded in this order before its own: LLM.yaml (the LLM
+# layer's keys), a base model's YAML, SeRALM.yaml (the keys of every SeRALM variant)
+SHARED_YAMLS = {"Laser": ("LLM",), "CaserSeRALM": ("LLM", "SeRALM"), "SASRecSeRALM": ("LLM", "SeRALM"),
+                "PAUPSeRALM": ("LLM", "PAUP", "SeRALM"), "LightSANsSeRALM": ("LLM", "SeRALM")}
 
 
 def plugin_model_yaml(model_name):
@@ -46,6 +48,17 @@ def yaml_defaults(name):
     Config reads it (``1e-4`` is a float, not a string)."""
     with open(plugin_model_yaml(name)) as f:
         return dict(yaml.load(f, Loader=RecBoleConfig._build_yaml_loader(None)) or {})
+
+
+def llm_get(config, key):
+    """``config[key]``, or LLM.yaml's default when the config (a plain dict) lacks it."""
+    return config_get(config, key, yaml_defaults("LLM").get(key))
+
+
+def trusts_pickled_code(config):
+    """Whether a given checkpoint that the safe loader refuses may be unpickled with code: only when the user set
+    ``trust_pickled_checkpoint: True`` (for any model, so no model YAML holds it; absent means no)."""
+    return bool(config_get(config, "trust_pickled_checkpoint"))
 
 
 def seralm_get(config, key):

@@ -13,6 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from recbole_llm.core.checkpoint import atomic_torch_save, load_checkpoint
 from recbole_llm.core.config import Config
 from recbole_llm.core.faults import with_kill_point
+from recbole_llm.core.keys import trusts_pickled_code
 from recbole_llm.core.resume import (capture_random_state, data_files_digest, other_resume_states,
                                      restore_random_state, resume_state_path, run_fingerprint)
 
@@ -181,7 +182,7 @@ class SafeCheckpointMixin:
             self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
 
     def _load_checkpoint_file(self, path):
-        trust = bool(self.config["trust_pickled_checkpoint"]) if "trust_pickled_checkpoint" in self.config else False
+        trust = trusts_pickled_code(self.config)
         return load_checkpoint(path, map_location=self.device, trust_pickled_code=trust)
 
     def _restore_training_state(self, checkpoint):

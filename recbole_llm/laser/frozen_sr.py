@@ -23,6 +23,7 @@ from recbole_llm.core.cached_model import (
     DATA_KEYS, cache_key, key_values, load_recommender_weights, preserved_rng, require_given_checkpoint,
 )
 from recbole_llm.core.config import Config
+from recbole_llm.core.keys import trusts_pickled_code
 from recbole_llm.core.fingerprint import data_digest
 from recbole_llm.core.registry import get_model
 
@@ -173,5 +174,4 @@ def build_frozen_sr(config, dataset):
 
 def trust_given_checkpoint(config):
     """Whether a given (not cached) frozen_sr_checkpoint may be unpickled with code (trust_pickled_checkpoint)."""
-    trust = config["trust_pickled_checkpoint"] if "trust_pickled_checkpoint" in config else False
-    return bool(config["frozen_sr_checkpoint"]) and bool(trust)
+    return bool(config["frozen_sr_checkpoint"]) and trusts_pickled_code(config)

@@ -47,7 +47,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from recbole_llm.core.checkpoint import load_checkpoint
-from recbole_llm.core.config import apply_plugin_defaults, config_get
+from recbole_llm.core.config import apply_plugin_defaults
+from recbole_llm.core.keys import trusts_pickled_code
 from recbole_llm.core.errors import ConfigError, DataNotFoundError
 from recbole_llm.core.faults import kill_point
 from recbole_llm.core.validation import NON_NEGATIVE, POSITIVE, POSITIVE_INT, check_model_config, check_softmax_training
@@ -250,7 +251,7 @@ class Laser(SequentialRecommender):
         self._item_workers = None
         if config["init_checkpoint"]:
             self.load_trainable_weights(config["init_checkpoint"],
-                                        trust=bool(config_get(config, "trust_pickled_checkpoint", False)))
+                                        trust=trusts_pickled_code(config))
         self._log_parameter_counts()
 
     # ------------------------------------------------------------------------------------------ building

@@ -6,7 +6,7 @@ would run and stores each result as it arrives (in the run's resumable cache), s
 single-process output and progress survives a lost worker. A task on a worker that dies is given to a live
 worker; when none is left, ``WorkersLost`` says what was kept and that a rerun does only the rest.
 
-Config keys (the SeRALM YAMLs document them): ``llm_workers`` (1 = no Ray, the work runs in this process),
+Config keys (recbole_llm/llm/LLM.yaml documents them): ``llm_workers`` (1 = no Ray, the work runs in this process),
 ``llm_worker_cpus``, ``llm_worker_gpus`` (~ = 1 on a CUDA machine, else 0), ``ray_address``.
 """
 
@@ -16,8 +16,8 @@ from collections import deque
 
 import torch
 
-from recbole_llm.core.config import config_get
 from recbole_llm.core.errors import ConfigError
+from recbole_llm.core.keys import llm_get
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +28,9 @@ class WorkersLost(RuntimeError):
 
 def worker_settings(config):
     """(workers, cpus per worker, gpus per worker, ray address) from the config, checked."""
-    workers = config_get(config, "llm_workers", 1)
-    cpus = config_get(config, "llm_worker_cpus", 1)
-    gpus = config_get(config, "llm_worker_gpus", None)
+    workers = llm_get(config, "llm_workers")
+    cpus = llm_get(config, "llm_worker_cpus")
+    gpus = llm_get(config, "llm_worker_gpus")
     for key, value in (("llm_workers", workers), ("llm_worker_cpus", cpus)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{key} must be an integer >= 1, got {value!r}")
@@ -38,7 +38,7 @@ def worker_settings(config):
         gpus = 1 if torch.cuda.is_available() else 0
     if not isinstance(gpus, (int, float)) or isinstance(gpus, bool) or gpus < 0:
         raise ConfigError(f"llm_worker_gpus must be a number >= 0 (a fraction shares a GPU) or ~, got {gpus!r}")
-    return workers, cpus, gpus, config_get(config, "ray_address", None)
+    return workers, cpus, gpus, llm_get(config, "ray_address")
 
 
 def start_ray(address=None, num_cpus=1):

@@ -75,16 +75,35 @@ def test_the_checks_import_no_model():
         assert upward == [], f"{name} imports {upward}"
 
 
-def test_seralm_defaults_are_written_once():
-    """The knowledge and alignment keys live in SeRALM.yaml only; each variant's YAML holds its base model's keys."""
+def _yaml_keys(path):
     import yaml
 
+    with open(path) as f:
+        return set(yaml.safe_load(f) or {})
+
+
+def test_seralm_defaults_are_written_once():
+    """The knowledge and alignment keys live in SeRALM.yaml only; each variant's YAML holds its base model's keys."""
     from recbole_llm.core.keys import plugin_model_yaml, plugin_model_yamls
 
-    with open(plugin_model_yaml("SeRALM")) as f:
-        shared = set(yaml.safe_load(f))
+    shared = _yaml_keys(plugin_model_yaml("SeRALM"))
     for name in ("CaserSeRALM", "SASRecSeRALM", "PAUPSeRALM", "LightSANsSeRALM"):
-        with open(plugin_model_yaml(name)) as f:
-            assert not shared & set(yaml.safe_load(f)), name
-        assert plugin_model_yamls(name)[0] == plugin_model_yaml("SeRALM")
+        assert not shared & _yaml_keys(plugin_model_yaml(name)), name
+        assert plugin_model_yaml("SeRALM") in plugin_model_yamls(name)
         assert Config(name, "ml-100k", cmd_args=[])["knowledge_concat"] == "project"
+
+
+def test_no_default_is_written_in_two_yamls_a_model_loads():
+    """Each model's YAMLs (the shared ones, then its own) set disjoint keys, but for RecBole's loss_type and
+    train_neg_sample_args, which a base model and SeRALM.yaml both pin to the same value."""
+    from recbole_llm.core.keys import plugin_model_yamls
+    from recbole_llm.core.registry import PLUGIN_MODELS
+
+    for name in PLUGIN_MODELS:
+        seen = {}
+        for path in plugin_model_yamls(name):
+            for key in _yaml_keys(path) - {"loss_type", "train_neg_sample_args"}:
+                assert key not in seen, f"{name}: {key} in {seen.get(key)} and {path}"
+                seen[key] = path
+    config = Config("PAUPSeRALM", "ml-100k", cmd_args=[])  # PAUP's own keys come from PAUP.yaml
+    assert config["seg_num"] == 4 and config["hidden_dropout_prob"] == 0.2 and config["llm_workers"] == 1

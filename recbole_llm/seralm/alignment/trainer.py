@@ -61,7 +61,7 @@ from recbole_llm.core.errors import ConfigError
 from recbole_llm.core.faults import kill_point
 from recbole_llm.core.fileio import atomic_path
 from recbole_llm.core.fingerprint import data_digest
-from recbole_llm.core.keys import seralm_get
+from recbole_llm.core.keys import seralm_get, trusts_pickled_code
 from recbole_llm.llm.generate import sequence_logprobs
 from recbole_llm.seralm import knowledge
 from recbole_llm.seralm.alignment.loss import alignment_llm_loss, importance_weights
@@ -142,7 +142,7 @@ def load_frozen_base(config, dataset):
         base_config, dataset, given=config_get(config, "frozen_base_checkpoint"), key="frozen_base_checkpoint",
         cache_file=os.path.join(folder, f"{name}-{config['dataset']}-{key}.pth"),
         show_progress=bool(config["show_progress"]),
-        trust=bool(config_get(config, "trust_pickled_checkpoint", False)))
+        trust=trusts_pickled_code(config))
     model.to(config["device"]).eval()
     model.requires_grad_(False)
     return model
