@@ -22,17 +22,17 @@ SHARED_YAMLS = {"Laser": ("LLM",), "CaserSeRALM": ("LLM", "SeRALM"), "SASRecSeRA
                 "PAUPSeRALM": ("LLM", "PAUP", "SeRALM"), "LightSANsSeRALM": ("LLM", "SeRALM")}
 
 
-def plugin_model_yaml(model_name):
-    """Path of the plugin's default YAML for ``model_name`` (None when the plugin has none)."""
-    found = glob.glob(os.path.join(glob.escape(PLUGIN_YAML_ROOT), "*", f"{model_name}.yaml"))
-    if len(found) > 1:
-        raise RuntimeError(f"Two plugin YAMLs for {model_name}: {sorted(found)}; each model has one.")
-    return found[0] if found else None
-
-
 def plugin_yaml_files():
     """Every default YAML of the plugin's methods."""
     return sorted(glob.glob(os.path.join(glob.escape(PLUGIN_YAML_ROOT), "*", "*.yaml")))
+
+
+def plugin_model_yaml(model_name):
+    """Path of the plugin's default YAML for ``model_name`` (None when the plugin has none)."""
+    found = [path for path in plugin_yaml_files() if os.path.basename(path) == f"{model_name}.yaml"]
+    if len(found) > 1:
+        raise RuntimeError(f"Two plugin YAMLs for {model_name}: {found}; each model has one.")
+    return found[0] if found else None
 
 
 def plugin_model_yamls(model_name):

@@ -138,7 +138,6 @@ class KnowledgeEncoder:
     (picklable before)."""
 
     def __init__(self, config, device=None):
-
         self.path = seralm_get(config, "encoder_path")
         self.max_length = int(seralm_get(config, "knowledge_encoder_max_length"))
         self.device = device
