@@ -6,10 +6,11 @@ The text follows Laser's template (paper 3.1.1): the title, then the other confi
 
 Config keys (dataset YAMLs under ``properties/dataset`` set them):
 
-- ``item_text_fields``: item fields making the text, title first (default ``[title, brand, categories]``;
-  fields the dataset lacks are skipped, except the title).
-- ``item_text_max_chars``: cut each item's text to this many characters (default: no limit).
-- ``item_text_display_names``: ``{field: name shown in the text}``, merged over ``DISPLAY_NAMES``.
+- ``item_text_fields``: item fields making the text, title first (fields the dataset lacks are skipped, except
+  the title; absent from the config: the title alone). Its default for every model that reads item text is in
+  ``llm/LLM.yaml``.
+- ``item_text_max_chars``: cut each item's text to this many characters (``~``: no limit).
+- ``item_text_display_names``: ``{field: name shown in the text}``, merged over ``DISPLAY_NAMES`` (``~``: none).
 
 Values come back as stored (see ``recbole_llm.datasets.atomic``): ``token`` fields as the exact string,
 ``token_seq`` fields as a list of strings, floats without a spurious ``.0``. A title stored as ``token_seq``
@@ -22,7 +23,6 @@ from recbole.utils import FeatureType
 
 from recbole_llm.core.config import config_get
 
-DEFAULT_TEXT_FIELDS = ["title", "brand", "categories"]
 TITLE_FIELD_NAMES = ("title", "movie_title", "name", "item_name")
 # Names shown in the text for fields whose column name reads badly; "category" as in the Laser paper.
 DISPLAY_NAMES = {"categories": "category", "category": "category", "class": "genre", "release_year": "year",
@@ -147,11 +147,11 @@ def item_texts(dataset, config, style="laser"):
 
     Uses ``item_text_fields``, ``item_text_max_chars`` and ``item_text_display_names`` from ``config``.
     """
-    configured = list(config_get(config, "item_text_fields", DEFAULT_TEXT_FIELDS))
+    configured = list(config_get(config, "item_text_fields") or [])
     max_chars = config_get(config, "item_text_max_chars")
     if max_chars is not None and (not isinstance(max_chars, int) or max_chars <= 0):
         raise ValueError(f"item_text_max_chars must be a positive integer or ~, got {max_chars!r}")
-    display_names = dict(config_get(config, "item_text_display_names", {}))
+    display_names = dict(config_get(config, "item_text_display_names") or {})
     present = item_fields(dataset)
     if not configured or configured[0] not in present:
         title = find_title_field(dataset)
