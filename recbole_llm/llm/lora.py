@@ -36,7 +36,7 @@ def build_lora_llm(config, device=None, dtype="auto"):
     llm, tokenizer = loader.load_causal_lm(config_get(config, "llm_path"), device=device, dtype=dtype,
                                            num_layers=config_get(config, "llm_num_layers"),
                                            trust_remote_code=bool(seralm_get(config, "llm_trust_remote_code")))
-    seed = int(config_get(config, "seed", 0))
+    seed = int(config["seed"])  # RecBole sets it for every run (overall.yaml)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # LoRA A init is random: same seed, same adapter in trainer and actor
         try:
