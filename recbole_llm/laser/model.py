@@ -202,6 +202,8 @@ class Laser(SequentialRecommender):
         self.use_prefix = config["use_prefix"]
         self.iic_positive_grad = config["iic_positive_grad"]
         self.encode_batch_size = config["encode_batch_size"]
+        # `or`: the config of a checkpoint saved before these switches existed lacks them (None); it ran as the
+        # value after `or` (the defaults themselves are in Laser.yaml)
         self.score_centering = config["score_centering"] or "none"
         self.sr_user_state = config["sr_user_state"] or "positions"
         self.sr_item_state = config["sr_item_state"] or "history"

@@ -172,7 +172,7 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
         ratio_clip = config_get(config, "align_ratio_clip")
         self.ratio_clip = None if ratio_clip is None else float(ratio_clip)
         self.kl_estimator = seralm_get(config, "kl_estimator")
-        self.baseline = config["align_baseline"] or "none"
+        self.baseline = seralm_get(config, "align_baseline")
         self.generator_mode = seralm_get(config, "generator_mode")  # the YAMLs' default
         self.refresh_every = int(seralm_get(config, "refresh_every"))
         self.llm = self.tokenizer = None
