@@ -17,6 +17,8 @@ Choices where the paper is silent:
 - ``sampled_negatives: n`` replaces IIC by a softmax over the batch's positives and n random items, all encoded
   with grad (the released code's phase before its refresh stage). ``score_centering: item_mean`` takes the
   cosine after subtracting the item matrix mean (the truncated LLM's embeddings are nearly parallel);
+  ``score_centering: whiten`` also divides each principal axis of the centred item matrix by its scale (soft
+  whitening, ``whitening_eps``), so a few dominant directions no longer decide every cosine;
   ``sr_user_state: predictive`` / ``sr_item_state: embedding`` / ``prefix_init`` give M-Former the SR's
   predictive state, its item embeddings and a prefix on the scale of the LLM's tokens. All off by default (the
   paper's setting); what each did on the CPU: ``benchmarks/results/rerun-2026-12-02/``.
@@ -74,7 +76,7 @@ TEMPLATES = {
 SUFFIX_INITS = ("random", "eos")
 NO_MFORMER_PREFIXES = ("learned", "linear")
 POOLINGS = ("suffix", "mean", "eos")
-SCORE_CENTERINGS = ("none", "item_mean")
+SCORE_CENTERINGS = ("none", "item_mean", "whiten")
 SR_USER_STATES = ("positions", "predictive")
 SR_ITEM_STATES = ("history", "embedding")
 PREFIX_INITS = ("default", "token_scale", "zero")
@@ -162,6 +164,7 @@ class Laser(SequentialRecommender):
         "train_samples_per_epoch": POSITIVE_INT,
         "sampled_negatives": NON_NEGATIVE,
         "prefix_learning_rate": POSITIVE,
+        "whitening_eps": POSITIVE,
     }
 
     @classmethod
@@ -208,6 +211,7 @@ class Laser(SequentialRecommender):
         self.sr_user_state = config["sr_user_state"] or "positions"
         self.sr_item_state = config["sr_item_state"] or "history"
         self.sampled_negatives = config["sampled_negatives"] or 0
+        self.whitening_eps = config["whitening_eps"]
         self.prefix_learning_rate = config["prefix_learning_rate"]
         check_model_config(config, type(self))  # again here: a config built by stock RecBole's Config
         if config["init_checkpoint"] and not os.path.isfile(config["init_checkpoint"]):  # before any slow set-up
@@ -244,10 +248,11 @@ class Laser(SequentialRecommender):
         self.item_tower = None  # the frozen item side of stage 2 (see freeze_item_side)
         self.item_matrix = None
         self.item_center = None
+        self.item_whitening = None  # [d, d] with score_centering: whiten, made with the matrix and kept with it
         self.item_matrix_version = -1
         self.param_version = 0  # bumped by the trainer after every optimizer step
         self.training_stage = 1
-        self.other_parameter_name = ["item_matrix", "item_center", "item_matrix_version", "param_version", "training_stage"]
+        self.other_parameter_name = ["item_matrix", "item_center", "item_whitening", "item_matrix_version", "param_version", "training_stage"]
         workers = worker_settings(config)
         self._worker_args = (config, dataset, workers) if workers[0] > 1 else None  # item refresh on Ray actors
         self._item_workers = None
@@ -492,10 +497,12 @@ class Laser(SequentialRecommender):
             else:
                 for batch in batches:
                     store(batch, self.encode_items(torch.tensor(batch, dtype=torch.long, device=self.device)))
-        center = matrix[1:].mean(0) if self.score_centering == "item_mean" else torch.zeros_like(matrix[0])
-        matrix[1:] = F.normalize(matrix[1:] - center, dim=-1)
-        self.item_matrix = matrix
+        center = matrix[1:].mean(0) if self.score_centering != "none" else torch.zeros_like(matrix[0])
         self.item_center = center
+        self.item_whitening = whitening(matrix[1:] - center, self.whitening_eps) if self.score_centering == "whiten" \
+            else None
+        matrix[1:] = self.score_vectors(matrix[1:])
+        self.item_matrix = matrix
         self.item_matrix_version = self.param_version
         self.train(was_training)
         return True
@@ -533,9 +540,14 @@ class Laser(SequentialRecommender):
         candidates = torch.cat([pos_items, negatives])
         user, lb_loss = self.forward(item_seq, item_seq_len)
         items = self.encode_items(candidates)
-        center = items.mean(0, keepdim=True).detach() if self.score_centering == "item_mean" else 0.0
-        user = F.normalize(user - center, dim=-1)
-        items = F.normalize(items - center, dim=-1)
+        center = items.mean(0, keepdim=True).detach() if self.score_centering != "none" else 0.0
+        # whitening needs many more rows than the batch has: the transform of the last item matrix (no grad)
+        transform = None
+        if self.score_centering == "whiten":
+            self._require_item_matrix()
+            transform = self.item_whitening
+        user, items = ((x - center) if transform is None else (x - center) @ transform for x in (user, items))
+        user, items = F.normalize(user, dim=-1), F.normalize(items, dim=-1)
         logits = user @ items.t() / self.temperature
         # a candidate equal to the row's positive (other than its own column) is not a negative
         same = candidates.unsqueeze(0) == pos_items.unsqueeze(1)
@@ -571,9 +583,12 @@ class Laser(SequentialRecommender):
         return self.score_vectors(torch.cat(rows))
 
     def score_vectors(self, embeddings):
-        """Unit vectors the cosine is taken between: h - mu (the item matrix mean) with score_centering, else h."""
+        """Unit vectors the cosine is taken between: h - mu (the item matrix mean) with score_centering, then times
+        the item matrix's whitening transform with ``whiten``, else h."""
         if self.item_center is not None:
             embeddings = embeddings - self.item_center
+        if self.item_whitening is not None:
+            embeddings = embeddings @ self.item_whitening
         return F.normalize(embeddings, dim=-1)
 
     def predict(self, interaction):
@@ -586,6 +601,18 @@ class Laser(SequentialRecommender):
         matrix = self._require_item_matrix()
         user = self._user_embeddings_chunked(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
         return user @ matrix.t()
+
+
+def whitening(centred, eps):
+    """[d, d] soft-whitening transform of the rows of ``centred`` [n, d] (the centred item matrix): each principal
+    axis v_k of the rows is scaled by 1 / (s_k / s_max + eps), s_k its singular value, so the few axes that hold most
+    of the variance of a truncated LLM's embeddings no longer decide every cosine (BERT-whitening, Su et al. 2021,
+    with a floor that keeps near-empty axes from being blown up). Symmetric, so users and items go through it alike."""
+    _, values, axes = torch.linalg.svd(centred.float(), full_matrices=False)
+    scale = 1.0 / (values / values.max().clamp(min=1e-12) + eps)
+    # with fewer items than dimensions the axes outside their span get 0: items have no component there, and a user's
+    # component there would only rescale that user's scores, so ranking is the same and the cosine stays bounded
+    return axes.t() @ torch.diag(scale) @ axes
 
 
 class LaserItemWorker:

@@ -359,15 +359,17 @@ def test_two_stage_fit_checkpoint_and_resume(root):
     assert fresh.training_stage == 2 and resumed.start_epoch == checkpoint["epoch"] + 1
 
 
-@pytest.mark.parametrize("stages", [(2, 0), (1, 2), (0, 2)], ids=["stage1", "stage2", "no_stage1"])
-def test_a_checkpoints_item_matrix_is_the_one_its_own_weights_make(root, stages):
+@pytest.mark.parametrize("stages,centering", [((2, 0), "none"), ((1, 2), "none"), ((0, 2), "none"),
+                                              ((1, 2), "whiten")],
+                         ids=["stage1", "stage2", "no_stage1", "stage2_whiten"])
+def test_a_checkpoints_item_matrix_is_the_one_its_own_weights_make(root, stages, centering):
     """Validation, test and a reloaded checkpoint score against the matrix of the weights being scored: after stage 1
     the epoch's own weights, in stage 2 the frozen item side that made the fixed matrix (saved with it)."""
     from recbole_llm.laser.trainer import LaserTrainer
 
     stage1, stage2 = stages
     overrides = dict(stage1_epochs=max(stage1, 1), stage2_epochs=max(stage2, 1), skip_stage1=stage1 == 0,
-                     skip_stage2=stage2 == 0, train_samples_per_epoch=16, learning_rate=0.05)
+                     skip_stage2=stage2 == 0, train_samples_per_epoch=16, learning_rate=0.05, score_centering=centering)
     config, model, train_data, valid_data, _ = H.build(root, **overrides)
     trainer = LaserTrainer(config, model)
     trainer.fit(train_data, valid_data, saved=True)
@@ -378,9 +380,13 @@ def test_a_checkpoints_item_matrix_is_the_one_its_own_weights_make(root, stages)
     fresh.load_state_dict(checkpoint["state_dict"])
     fresh.load_other_parameter(checkpoint["other_parameter"])
     saved = fresh.item_matrix.clone()
+    saved_whitening = fresh.item_whitening
     fresh.refresh_item_matrix(force=True, show_progress=False)
     assert torch.allclose(fresh.item_matrix, saved, atol=1e-5)
-    if stage2:  # the user side moved on: its own suffix no longer makes the matrix
+    assert (saved_whitening is None) == (centering != "whiten")
+    if saved_whitening is not None:  # the transform is the one the matrix's own weights make, saved with it
+        assert torch.allclose(fresh.item_whitening, saved_whitening, atol=1e-4)
+    if stage2 and centering == "none":  # the user side moved on (its best epoch here is a trained stage-2 one)
         assert not torch.equal(fresh.suffix, fresh.item_tower.suffix)
         assert not any(p.requires_grad for p in fresh.item_tower.parameters())
 
@@ -634,3 +640,44 @@ def test_model_constructor_trains_no_recommender_its_trainer_does(tmp_path, monk
     assert trained == [1] and again.frozen_sr.loaded
     for a, b in zip(model.frozen_sr.parameters(), again.frozen_sr.parameters()):
         assert torch.equal(a, b)
+
+
+def test_whitening_evens_out_the_item_matrix_axes_and_treats_users_and_items_alike():
+    """score_centering: whiten scales each principal axis of the centred item matrix by 1 / (s_k / s_max + eps): a
+    matrix with one dominant axis comes out with its axes near one scale; the transform is symmetric; with fewer
+    items than dimensions, directions outside the items' span are dropped (they would only rescale a user)."""
+    from recbole_llm.laser.model import whitening
+
+    g = torch.Generator().manual_seed(0)
+    items = torch.randn(200, 8, generator=g) * torch.tensor([30.0, 1, 1, 1, 1, 1, 1, 0.5])
+    centred = items - items.mean(0)
+    transform = whitening(centred, eps=0.01)
+    assert torch.allclose(transform, transform.t(), atol=1e-5)
+    before = torch.linalg.svdvals(centred)
+    after = torch.linalg.svdvals(centred @ transform)
+    assert before[0] / before[-1] > 40 and after[0] / after[-1] < 2  # eps keeps the smallest axis a little short
+    few = torch.randn(3, 8, generator=g)
+    few = few - few.mean(0)
+    outside = torch.linalg.svd(few, full_matrices=True)[2][-1]  # orthogonal to every (centred) item
+    assert torch.allclose(outside @ whitening(few, eps=0.01), torch.zeros(8), atol=1e-5)
+
+
+def test_whiten_scores_are_cosines_after_the_items_transform(root):
+    """Users and items go through the same centring and whitening: full_sort_predict is the cosine of
+    (h_u - mu) W with the rows of the item matrix, which are (h_i - mu) W normalised."""
+    from recbole_llm.laser.model import whitening
+
+    config, model, train_data, _, _ = H.build(root, score_centering="whiten")
+    model.eval()
+    model.refresh_item_matrix(force=True, show_progress=False)
+    with torch.no_grad():
+        raw = model.encode_items(torch.arange(1, model.n_items))
+        center = raw.mean(0)
+        transform = whitening(raw - center, config["whitening_eps"])
+        assert torch.allclose(model.item_whitening, transform, atol=1e-4)
+        expected = torch.nn.functional.normalize((raw - center) @ transform, dim=-1)
+        assert torch.allclose(model.item_matrix[1:], expected, atol=1e-4)
+        batch = H.first_batch(train_data)
+        user = model.forward(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN])[0]
+        user = torch.nn.functional.normalize((user - center) @ transform, dim=-1)
+        assert torch.allclose(model.full_sort_predict(batch), user @ model.item_matrix.t(), atol=1e-4)
