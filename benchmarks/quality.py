@@ -79,6 +79,8 @@ SERALM_NA_CONTROLS = {
 LASER_CONTROLS = {
     "lr1e-3": ({"learning_rate": 0.001}, "learning rate 1e-3 (the former CPU profile's)"),
     "centred": ({"score_centering": "item_mean"}, "cosine of embeddings centred by the item-matrix mean"),
+    "centred_untrained": ({"score_centering": "item_mean", "epochs": 0}, "centred by the item-matrix mean, not "
+                                                                         "whitened, untrained (0 epochs)"),
     "sampled": ({"sampled_negatives": 16}, "16 sampled negatives, items encoded with gradient"),
     "collab_route": ({"sr_user_state": "predictive", "sr_item_state": "embedding", "prefix_init": "zero"},
                      "BERT4Rec's predictive state and item embeddings, zero-initialised prefix"),
