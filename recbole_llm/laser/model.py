@@ -540,14 +540,13 @@ class Laser(SequentialRecommender):
         candidates = torch.cat([pos_items, negatives])
         user, lb_loss = self.forward(item_seq, item_seq_len)
         items = self.encode_items(candidates)
-        center = items.mean(0, keepdim=True).detach() if self.score_centering != "none" else 0.0
-        # whitening needs many more rows than the batch has: the transform of the last item matrix (no grad)
-        transform = None
-        if self.score_centering == "whiten":
-            self._require_item_matrix()
-            transform = self.item_whitening
-        user, items = ((x - center) if transform is None else (x - center) @ transform for x in (user, items))
-        user, items = F.normalize(user, dim=-1), F.normalize(items, dim=-1)
+        if self.score_centering == "whiten":  # a batch is far too few rows to whiten: the last item matrix's centre
+            self._require_item_matrix()        # and transform (the pair it was fitted as), no grad
+            user, items = self.score_vectors(user), self.score_vectors(items)
+        else:
+            center = items.mean(0, keepdim=True).detach() if self.score_centering == "item_mean" else 0.0
+            user = F.normalize(user - center, dim=-1)
+            items = F.normalize(items - center, dim=-1)
         logits = user @ items.t() / self.temperature
         # a candidate equal to the row's positive (other than its own column) is not a negative
         same = candidates.unsqueeze(0) == pos_items.unsqueeze(1)

@@ -681,3 +681,15 @@ def test_whiten_scores_are_cosines_after_the_items_transform(root):
         user = model.forward(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN])[0]
         user = torch.nn.functional.normalize((user - center) @ transform, dim=-1)
         assert torch.allclose(model.full_sort_predict(batch), user @ model.item_matrix.t(), atol=1e-4)
+
+
+@pytest.mark.parametrize("centering", ["item_mean", "whiten"])
+def test_sampled_negatives_loss_trains_both_towers(root, centering):
+    """sampled_negatives: each user against the batch's positives and n random items, all encoded with grad; with
+    whiten the scores use the last item matrix's centre and transform (a batch is too few rows to whiten)."""
+    config, model, train_data, _, _ = H.build(root, sampled_negatives=4, score_centering=centering)
+    model.train()
+    loss, lb = model.calculate_loss(H.first_batch(train_data))
+    assert torch.isfinite(loss) and (model.item_whitening is not None) == (centering == "whiten")
+    (loss + lb).backward()
+    assert model.suffix.grad is not None and float(model.suffix.grad.abs().sum()) > 0
