@@ -86,6 +86,15 @@ LASER_CONTROLS = {
                      "BERT4Rec's predictive state and item embeddings, zero-initialised prefix"),
     "allvalid": ({"valid_users": None}, "validation on every user, not a fixed 1,000"),
     "prefix_zero": ({"prefix_init": "zero"}, "M-Former's output projection zero-initialised (the prefix starts at 0)"),
+    "prefix_zero_untrained": ({"prefix_init": "zero", "epochs": 0}, "M-Former's prefix starts at 0, untrained "
+                                                                     "(0 epochs)"),
+    "suffix_eos": ({"suffix_init": "eos"}, "the suffix starts at the [EOS] token's embedding, not at random (now the "
+                                           "CPU profile's own value, so the same run as Laser)"),
+    "suffix_eos_untrained": ({"suffix_init": "eos", "epochs": 0}, "the suffix starts at [EOS], untrained (0 epochs)"),
+    "suffix_random": ({"suffix_init": "random"}, "the suffix starts at random (the paper's; the CPU profile before "
+                                                 "suffix_init: eos)"),
+    "suffix_random_untrained": ({"suffix_init": "random", "epochs": 0}, "the suffix starts at random, untrained "
+                                                                       "(0 epochs)"),
     "prefix_token": ({"prefix_init": "token_scale"}, "M-Former's prefix starts at the scale of the LLM's tokens"),
     "no_mformer_untrained": ({"use_mformer": False, "epochs": 0}, "w/o M-Former, untrained (0 epochs)"),
     "prefix_lr6": ({"prefix_learning_rate": 1e-6}, "prefix generator (M-Former) at learning rate 1e-6 (now the "
