@@ -25,6 +25,12 @@ Choices where the paper is silent:
 - The suffix is drawn at random (paper 4.1.2: "The other trainable modules are all randomly initialized"), from
   N(0, sigma^2) with sigma the std of the LLM's token embeddings, so it starts on the scale of a real token;
   ``suffix_init: eos`` starts it from the [EOS] embedding instead.
+- ``item_bias: True`` (not in the paper, whose score is the cosine alone) adds a trainable per-item logit b_i,
+  zero at the start, so the untrained model ranks as without it: score = cos(h_u, h_i) / tau + b_i in the loss,
+  cos + tau * b_i in ``predict`` / ``full_sort_predict`` (the same ranking). It is read live, never cached with
+  the item matrix, and trains in both stages at ``item_bias_learning_rate``; a cosine of unit vectors made by
+  shared weights cannot express how often an item is bought. Not carried over by ``init_checkpoint`` (its
+  items are another dataset's).
 - "w/o M-Former" (Table 4) keeps L prefix tokens but gives them no ID-based information: they are learned free
   vectors (plain prefix tuning), our reading of "the importance of using ID-based collaborative information".
   ``no_mformer_prefix: linear`` maps the SR's user state linearly instead (the CoLLM-style projection the paper
@@ -165,6 +171,7 @@ class Laser(SequentialRecommender):
         "sampled_negatives": NON_NEGATIVE,
         "prefix_learning_rate": POSITIVE,
         "whitening_eps": POSITIVE,
+        "item_bias_learning_rate": POSITIVE,
     }
 
     @classmethod
@@ -213,6 +220,7 @@ class Laser(SequentialRecommender):
         self.sampled_negatives = config["sampled_negatives"] or 0
         self.whitening_eps = config["whitening_eps"]
         self.prefix_learning_rate = config["prefix_learning_rate"]
+        self.item_bias_learning_rate = config["item_bias_learning_rate"]
         check_model_config(config, type(self))  # again here: a config built by stock RecBole's Config
         if config["init_checkpoint"] and not os.path.isfile(config["init_checkpoint"]):  # before any slow set-up
             raise DataNotFoundError(f"init_checkpoint '{config['init_checkpoint']}' does not exist; expected a Laser "
@@ -241,6 +249,9 @@ class Laser(SequentialRecommender):
             else:
                 start = torch.randn(self.llm_size, device=token_table.device) * token_std
             self.suffix = nn.Parameter(start)
+
+        # per-item logit, zero at the start (so untrained scores are the cosine's); None = the paper's cosine alone
+        self.item_bias = nn.Parameter(torch.zeros(self.n_items)) if config["item_bias"] else None
 
         self._tokenise_pieces(config, dataset)
 
@@ -279,17 +290,21 @@ class Laser(SequentialRecommender):
 
     def parameter_groups(self, learning_rate):
         """The trainable parameters as optimizer groups: the prefix generator at ``prefix_learning_rate`` (when
-        set), everything else (the suffix) at ``learning_rate``. Adam moves every weight by about the learning rate
-        per step whatever its gradient, so M-Former's output projection (d_m inputs per prefix entry) moves the
-        prefix much faster than the same rate moves the suffix or a learned prefix token. With one rate: one group
-        in parameter order, as before the switch, so optimizer states saved then still load on resume."""
+        set), the item bias at ``item_bias_learning_rate`` (when on), everything else (the suffix) at
+        ``learning_rate``. Adam moves every weight by about the learning rate per step whatever its gradient, so
+        M-Former's output projection (d_m inputs per prefix entry) moves the prefix much faster than the same rate
+        moves the suffix or a learned prefix token; a logit bias needs steps on the logit's scale instead. With one
+        rate and no bias: one group in parameter order, as before the switches, so optimizer states saved then
+        still load on resume."""
         trainable = [p for p in self.parameters() if p.requires_grad]
         prefix_lr = self.prefix_learning_rate or learning_rate
-        if prefix_lr == learning_rate or self.prefix_module is None:
+        if self.item_bias is None and (prefix_lr == learning_rate or self.prefix_module is None):
             return [{"params": trainable, "lr": learning_rate}]
-        prefix = {id(p) for p in self.prefix_module.parameters()}
-        groups = ({"params": [p for p in trainable if id(p) not in prefix], "lr": learning_rate},
-                  {"params": [p for p in trainable if id(p) in prefix], "lr": prefix_lr})
+        prefix = {id(p) for p in self.prefix_module.parameters()} if self.prefix_module is not None else set()
+        bias = {id(self.item_bias)} if self.item_bias is not None else set()
+        groups = ({"params": [p for p in trainable if id(p) not in prefix | bias], "lr": learning_rate},
+                  {"params": [p for p in trainable if id(p) in prefix], "lr": prefix_lr},
+                  {"params": [p for p in trainable if id(p) in bias], "lr": self.item_bias_learning_rate})
         return [group for group in groups if group["params"]]
 
     def _ids(self, text):
@@ -367,6 +382,9 @@ class Laser(SequentialRecommender):
         if not isinstance(state, dict):
             raise ConfigError(f"init_checkpoint '{path}' holds no 'state_dict'; expected a checkpoint saved by a "
                               "RecBole trainer.")
+        state = {key: value for key, value in state.items() if key != "item_bias"}  # the other dataset's items
+        if self.item_bias is not None:
+            state["item_bias"] = self.item_bias.detach().clone()
         try:
             self.load_state_dict(state)
         except RuntimeError as err:
@@ -547,7 +565,7 @@ class Laser(SequentialRecommender):
             center = items.mean(0, keepdim=True).detach() if self.score_centering == "item_mean" else 0.0
             user = F.normalize(user - center, dim=-1)
             items = F.normalize(items - center, dim=-1)
-        logits = user @ items.t() / self.temperature
+        logits = self._add_item_bias(user @ items.t() / self.temperature, candidates)
         # a candidate equal to the row's positive (other than its own column) is not a negative
         same = candidates.unsqueeze(0) == pos_items.unsqueeze(1)
         own = torch.zeros_like(same)
@@ -565,10 +583,12 @@ class Laser(SequentialRecommender):
         item_matrix = self._require_item_matrix()
         user, lb_loss = self.forward(item_seq, item_seq_len)
         user = self.score_vectors(user)
-        logits = user @ item_matrix.t() / self.temperature
+        logits = self._add_item_bias(user @ item_matrix.t() / self.temperature)
         if self.iic_positive_grad:
             positive = self.score_vectors(self.encode_items(pos_items))
             fresh = (user * positive).sum(-1) / self.temperature
+            if self.item_bias is not None:
+                fresh = fresh + self.item_bias[pos_items]
             logits = logits.scatter(1, pos_items.unsqueeze(1), fresh.unsqueeze(1))
         logits[:, 0] = float("-inf")  # padding is not an item
         iic_loss = F.cross_entropy(logits, pos_items)
@@ -590,16 +610,26 @@ class Laser(SequentialRecommender):
             embeddings = embeddings @ self.item_whitening
         return F.normalize(embeddings, dim=-1)
 
+    def _add_item_bias(self, logits, items=None):
+        """Logits [B, n] plus each column's item bias (``items``: the columns' item ids; None = all items)."""
+        if self.item_bias is None:
+            return logits
+        return logits + (self.item_bias if items is None else self.item_bias[items])
+
     def predict(self, interaction):
         matrix = self._require_item_matrix()
         user = self._user_embeddings_chunked(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
-        return (user * matrix[interaction[self.ITEM_ID]]).sum(-1)
+        items = interaction[self.ITEM_ID]
+        score = (user * matrix[items]).sum(-1)
+        return score if self.item_bias is None else score + self.temperature * self.item_bias[items]
 
     def full_sort_predict(self, interaction):
-        """Cosine of each user with every item of the cached item matrix: [B, n_items]."""
+        """Cosine of each user with every item of the cached item matrix (plus tau * b_i with ``item_bias``):
+        [B, n_items], ranked as the training logits are."""
         matrix = self._require_item_matrix()
         user = self._user_embeddings_chunked(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
-        return user @ matrix.t()
+        scores = user @ matrix.t()
+        return scores if self.item_bias is None else scores + self.temperature * self.item_bias
 
 
 def whitening(centred, eps):

@@ -693,3 +693,38 @@ def test_sampled_negatives_loss_trains_both_towers(root, centering):
     assert torch.isfinite(loss) and (model.item_whitening is not None) == (centering == "whiten")
     (loss + lb).backward()
     assert model.suffix.grad is not None and float(model.suffix.grad.abs().sum()) > 0
+
+
+def test_item_bias_starts_at_zero_trains_at_its_own_rate_and_ranks_as_the_loss(root, tmp_path):
+    """item_bias: untrained scores are the cosine's; the loss's logits are cos / tau + b_i and full_sort_predict ranks
+    by cos + tau * b_i; b has its own Adam rate, trains, and is saved but not carried to another dataset's run."""
+    from recbole_llm.laser.trainer import LaserTrainer
+
+    _, plain, _, valid_data, _ = H.build(root)
+    config, model, train_data, _, _ = H.build(root, item_bias=True, item_bias_learning_rate=0.5, learning_rate=1e-3)
+    assert torch.equal(model.item_bias, torch.zeros(model.n_items))
+    interaction = H.first_batch(valid_data)[0]
+    with torch.no_grad():  # same seed, same weights: a zero bias scores as the paper's cosine
+        assert torch.allclose(model.eval().full_sort_predict(interaction),
+                              plain.eval().full_sort_predict(interaction), atol=1e-6)
+    trainer = LaserTrainer(config, model)
+    rates = {id(p): group["lr"] for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert rates[id(model.item_bias)] == 0.5 and rates[id(model.suffix)] == 1e-3
+    batch = H.first_batch(train_data)
+    model.train()
+    loss = sum(model.calculate_loss(batch))
+    trainer.optimizer.zero_grad()
+    loss.backward()
+    trainer.optimizer.step()
+    assert float(model.item_bias.detach().abs().max()) > 0.1
+    model.eval()
+    with torch.no_grad():
+        user = model._user_embeddings_chunked(interaction["item_id_list"], interaction["item_length"])
+        expected = user @ model.item_matrix.t() + model.temperature * model.item_bias
+        assert torch.allclose(model.full_sort_predict(interaction), expected, atol=1e-5)
+    path = tmp_path / "laser.pth"
+    torch.save({"state_dict": model.state_dict()}, path)
+    assert "item_bias" in torch.load(path, weights_only=True)["state_dict"]
+    _, fresh, _, _, _ = H.build(root, item_bias=True)
+    fresh.load_trainable_weights(str(path))  # init_checkpoint: its bias scores another dataset's items, not carried
+    assert torch.equal(fresh.suffix, model.suffix) and torch.equal(fresh.item_bias, torch.zeros(model.n_items))
