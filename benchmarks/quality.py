@@ -102,8 +102,10 @@ LASER_CONTROLS = {
     "prefix_lr5": ({"prefix_learning_rate": 1e-5}, "prefix generator at learning rate 1e-5"),
     "prefix_lr4": ({"prefix_learning_rate": 1e-4}, "prefix generator at the suffix's learning rate 1e-4 (one rate, as "
                                                    "the paper)"),
-    "item_bias": ({"item_bias": True}, "a trainable per-item logit bias, zero at the start"),
-    "no_item_bias": ({"item_bias": False}, "no item bias (the paper's cosine alone)"),
+    "item_bias": ({"item_bias": True}, "a trainable per-item logit bias, zero at the start (now the CPU profile's "
+                                       "own value, so the same run as Laser)"),
+    "no_item_bias": ({"item_bias": False}, "no item bias (the paper's cosine alone; the CPU profile before "
+                                           "item_bias: True)"),
     "posgrad_plr5": ({"iic_positive_grad": True, "prefix_learning_rate": 1e-5},
                      "positive re-encoded with gradient, M-Former at learning rate 1e-5"),
 }
