@@ -97,6 +97,8 @@ LASER_CONTROLS = {
                                                                        "(0 epochs)"),
     "prefix_token": ({"prefix_init": "token_scale"}, "M-Former's prefix starts at the scale of the LLM's tokens"),
     "no_mformer_untrained": ({"use_mformer": False, "epochs": 0}, "w/o M-Former, untrained (0 epochs)"),
+    "no_moe_untrained": ({"use_moe": False, "epochs": 0}, "w/o MoE, untrained (0 epochs)"),
+    "no_prefix_untrained": ({"use_prefix": False, "epochs": 0}, "w/o prefix, untrained (0 epochs)"),
     "prefix_lr6": ({"prefix_learning_rate": 1e-6}, "prefix generator (M-Former) at learning rate 1e-6 (now the "
                                                    "CPU profile's own value, so the same run as Laser)"),
     "prefix_lr5": ({"prefix_learning_rate": 1e-5}, "prefix generator at learning rate 1e-5"),
