@@ -149,6 +149,8 @@ def variants(mode):
         out.append(Variant("Laser-long", "Laser long (profile cpu-long)", "Laser", "laser", {}, profile="cpu-long"))
         out.append(Variant("Laser-long-lr5", "Laser long, control: suffix learning rate 1e-5", "Laser", "control",
                            {"learning_rate": 1e-5}, profile="cpu-long"))
+        out.append(Variant("Laser-long-no_item_bias", "Laser long, control: no item bias", "Laser", "control",
+                           {"item_bias": False}, profile="cpu-long"))
     for suffix, (switch, what) in LASER_CONTROLS.items():
         out.append(Variant(f"Laser-{suffix}", f"Laser, control: {what}", "Laser", "control", dict(laser, **switch)))
     for base in SERALM_BASES:
