@@ -586,9 +586,7 @@ class Laser(SequentialRecommender):
         logits = self._add_item_bias(user @ item_matrix.t() / self.temperature)
         if self.iic_positive_grad:
             positive = self.score_vectors(self.encode_items(pos_items))
-            fresh = (user * positive).sum(-1) / self.temperature
-            if self.item_bias is not None:
-                fresh = fresh + self.item_bias[pos_items]
+            fresh = self._add_item_bias((user * positive).sum(-1) / self.temperature, pos_items)
             logits = logits.scatter(1, pos_items.unsqueeze(1), fresh.unsqueeze(1))
         logits[:, 0] = float("-inf")  # padding is not an item
         iic_loss = F.cross_entropy(logits, pos_items)
@@ -611,7 +609,8 @@ class Laser(SequentialRecommender):
         return F.normalize(embeddings, dim=-1)
 
     def _add_item_bias(self, logits, items=None):
-        """Logits [B, n] plus each column's item bias (``items``: the columns' item ids; None = all items)."""
+        """Logits plus the bias of the item each entry of their last axis scores (``items``: those item ids, e.g. a
+        batch's candidates or each row's positive; None = all items, the last axis is [n_items])."""
         if self.item_bias is None:
             return logits
         return logits + (self.item_bias if items is None else self.item_bias[items])

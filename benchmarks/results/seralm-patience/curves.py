@@ -26,7 +26,7 @@ for path in sys.argv[1:]:
                     losses.append(float(m.group(2)))
                 elif len(valid) < len(losses) and (m := NDCG.search(text)):  # the epoch's validation metrics
                     valid.append(float(m.group(1)))
-        curves[(record["dataset"], record["seed"])][record["variant"]] = (losses, valid[:len(losses)], record)
+        curves[(record["dataset"], record["seed"])][record["variant"]] = (losses, valid, record)
 
 for (dataset, seed), runs in sorted(curves.items()):
     print(f"== {dataset} seed {seed}")

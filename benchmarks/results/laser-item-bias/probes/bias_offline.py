@@ -3,20 +3,20 @@ CPU profile, whiten, seed 1, the random suffix of that time): logits = cos / tau
 IIC with nothing else trained, on the first 1,536 (the CPU profile's 3 epochs of 512) or 4,096 cached training sequences.
 NDCG@10 on the 1,000 cached validation users, own history masked as RecBole does.
     python bias_offline.py /tmp/cache_4096.pt"""
-import sys, torch, torch.nn.functional as F
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "laser-training-controls", "probes"))
+from cached_vectors import CachedVectors  # noqa: E402
+
 torch.set_num_threads(1)
-cache = torch.load(sys.argv[1])
-items, vu, vp, vs, tu, tp, ts = (cache[k] for k in ("items", "vu", "vp", "vs", "tu", "tp", "ts"))
-n_items, dim = items.shape
-def own_items(seq, pos=None):
-    mask = torch.zeros(len(seq), n_items, dtype=torch.bool); mask.scatter_(1, seq, True); mask[:, 0] = True
-    if pos is not None: mask[torch.arange(len(pos)), pos] = False
-    return mask
-valid_mask = own_items(vs)
-def ndcg(scores, pos=vp, mask=valid_mask):
-    scores = scores.masked_fill(mask, -1e9)
-    rank = (scores > scores.gather(1, pos[:, None])).sum(1) + (scores == scores.gather(1, pos[:, None])).sum(1) - 1
-    return round(float(torch.where(rank < 10, 1 / torch.log2(rank.float() + 2), torch.zeros(())).mean()), 4)
+cache = CachedVectors(sys.argv[1])
+items, vu, tu, tp, ts = cache.items, cache.vu, cache.tu, cache.tp, cache.ts
+n_items = cache.n_items
+own_items, ndcg = cache.own_items, cache.ndcg
 U = F.normalize(items, dim=-1); base = F.normalize(vu, dim=-1) @ U.t(); tr = F.normalize(tu, dim=-1) @ U.t()
 tau = 0.05
 print("untrained", ndcg(base))

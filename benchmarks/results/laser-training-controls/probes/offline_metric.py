@@ -15,28 +15,12 @@ import sys
 import torch
 import torch.nn.functional as F
 
-cache = torch.load(sys.argv[1])
-items, vu, vp, vs, tu, tp, ts = (cache[k] for k in ("items", "vu", "vp", "vs", "tu", "tp", "ts"))
+from cached_vectors import CachedVectors
+
+cache = CachedVectors(sys.argv[1])
+items, vu, tu, tp, ts = cache.items, cache.vu, cache.tu, cache.tp, cache.ts
 n_items, dim = items.shape
-
-
-def own_items(seq, pos=None):
-    mask = torch.zeros(len(seq), n_items, dtype=torch.bool)
-    mask.scatter_(1, seq, True)
-    mask[:, 0] = True
-    if pos is not None:
-        mask[torch.arange(len(pos)), pos] = False  # a repeat of the target stays the target
-    return mask
-
-
-valid_mask = own_items(vs)
-
-
-def ndcg(scores, pos=vp, mask=valid_mask):
-    scores = scores.masked_fill(mask, -1e9)
-    rank = (scores > scores.gather(1, pos[:, None])).sum(1) + (scores == scores.gather(1, pos[:, None])).sum(1) - 1
-    return round(float(torch.where(rank < 10, 1 / torch.log2(rank.float() + 2), torch.zeros(())).mean()), 4)
-
+own_items, ndcg = cache.own_items, cache.ndcg
 
 unit_items = F.normalize(items, dim=-1)
 base = F.normalize(vu, dim=-1) @ unit_items.t()
