@@ -110,6 +110,8 @@ LASER_CONTROLS = {
                                            "item_bias: True)"),
     "posgrad_plr5": ({"iic_positive_grad": True, "prefix_learning_rate": 1e-5},
                      "positive re-encoded with gradient, M-Former at learning rate 1e-5"),
+    "steps10k": ({"stage1_epochs": 4, "train_samples_per_epoch": 2048},
+                 "4 + 1 epochs of 2,048 training sequences (10,240 in all, against 3 x 512)"),
 }
 SERALM_ALIGNED_CONTROLS = {
     "nobaseline": ({"align_baseline": "none"}, "no baseline in the weight"),
@@ -123,6 +125,8 @@ def variants(mode):
     quick, cpu = mode.startswith("quick"), mode == "cpu"
     train = QUICK_TRAIN if quick else (CPU_TRAIN if cpu else {})
     out = [Variant(name, name, name, "baseline", dict(train)) for name in BASELINES]
+    # for scale only (never in the main table): items ranked by their training-set popularity, no training
+    out.append(Variant("Pop", "Pop (training-set popularity)", "Pop", "control", {"epochs": 1, "eval_batch_size": 4096}))
     for base in SERALM_BASES:
         model = f"{base}SeRALM"
         na = dict(train, alignment=False)
