@@ -111,7 +111,10 @@ LASER_CONTROLS = {
     "posgrad_plr5": ({"iic_positive_grad": True, "prefix_learning_rate": 1e-5},
                      "positive re-encoded with gradient, M-Former at learning rate 1e-5"),
     "steps10k": ({"stage1_epochs": 4, "train_samples_per_epoch": 2048},
-                 "4 + 1 epochs of 2,048 training sequences (10,240 in all, against 3 x 512)"),
+                 "4 + 1 epochs of 2,048 training sequences (now the CPU profile's own budget, so the same run as "
+                 "Laser)"),
+    "steps1536": ({"stage1_epochs": 2, "train_samples_per_epoch": 512},
+                  "2 + 1 epochs of 512 training sequences (the CPU profile's budget before 4 + 1 of 2,048)"),
 }
 SERALM_ALIGNED_CONTROLS = {
     "nobaseline": ({"align_baseline": "none"}, "no baseline in the weight"),
