@@ -195,6 +195,17 @@ def config_digest(config_dict):
     return hashlib.sha256(json.dumps(config_dict, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
+def profile_contents(model, dataset, profile):
+    """A digest of the YAMLs the run loads under its overrides (dataset settings, size profile), so that a run
+    recorded before one of them changed is not taken as already done (the overrides alone do not say it)."""
+    from recbole_llm.core.locate import default_config_files
+    files = {}
+    for path in default_config_files(model, dataset, profile):
+        with open(path, "rb") as f:
+            files[os.path.basename(path)] = hashlib.sha256(f.read()).hexdigest()[:10]
+    return {"config_files": files} if files else {}
+
+
 def plan(args, mode):
     """The (dataset, variant, seed, config_dict) runs of this invocation, seed-major so a partial run covers models."""
     if args.models or args.variants:
@@ -211,7 +222,7 @@ def plan(args, mode):
                 config_dict = dict(variant.overrides, **extra, seed=seed, show_progress=False)
                 profile = variant.profile or args.profile
                 digest = config_digest({"model": variant.model, "dataset": dataset, "profile": profile,
-                                        **config_dict})
+                                        **config_dict, **profile_contents(variant.model, dataset, profile)})
                 run_id = f"{dataset}|{variant.id}|seed={seed}|{digest}"
                 runs.append({"run_id": run_id, "dataset": dataset, "variant": variant, "seed": seed,
                              "config_dict": config_dict, "profile": profile})

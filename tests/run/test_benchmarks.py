@@ -265,3 +265,19 @@ def test_speed_eval_times_and_measures_each_model_on_its_own(tmp_path):
     text = speed.render({"eval:SASRecSeRALM": dict(cuda, status="ok", peak_rss_mib=700.0, loadavg_end=None)},
                         "gpu", env, "cmd", "t0", "t1", [None, None], DATASET)
     assert f"| {seralm['weights_mib']:.1f} + 120 |" in text
+
+
+def test_run_id_changes_with_the_profile_yaml(tmp_path, monkeypatch):
+    """A run recorded under one CPU profile is not taken as done after the profile's YAML changed (the working
+    directory's properties/ wins the search, so a copy there stands in for an edit)."""
+    args, _ = quality.parse_args(["--variants", "Laser", "--datasets", "amazon-scientific", "--seeds", "1"])
+    before = [r["run_id"] for r in quality.plan(args, "cpu")]
+    monkeypatch.chdir(tmp_path)
+    assert [r["run_id"] for r in quality.plan(args, "cpu")] == before  # same files found: same id
+    os.makedirs("properties/model")
+    with open(os.path.join(REPO, "properties", "model", "Laser-cpu.yaml")) as f:
+        text = f.read()
+    with open("properties/model/Laser-cpu.yaml", "w") as f:
+        f.write(text + "\nstage1_epochs: 1\n")
+    after = [r["run_id"] for r in quality.plan(args, "cpu")]
+    assert len(after) == 1 and after != before
