@@ -113,6 +113,8 @@ LASER_CONTROLS = {
     "steps10k": ({"stage1_epochs": 4, "train_samples_per_epoch": 2048},
                  "4 + 1 epochs of 2,048 training sequences (now the CPU profile's own budget, so the same run as "
                  "Laser)"),
+    "bias_only": ({"learning_rate": 1e-12, "prefix_learning_rate": 1e-12},
+                  "only the item bias learns (suffix and M-Former at learning rate 1e-12: the keys must be > 0)"),
     "steps1536": ({"stage1_epochs": 2, "train_samples_per_epoch": 512},
                   "2 + 1 epochs of 512 training sequences (the CPU profile's budget before 4 + 1 of 2,048)"),
 }
