@@ -200,14 +200,15 @@ def config_digest(config_dict):
 
 
 def profile_contents(model, dataset, profile):
-    """A digest of the YAMLs the run loads under its overrides (dataset settings, size profile), so that a run
-    recorded before one of them changed is not taken as already done (the overrides alone do not say it)."""
+    """{file name: digest} of the YAMLs the run loads under its overrides (dataset settings, size profile): a run
+    recorded under other contents is not taken as already done (the overrides in its id do not say it), while the
+    report still shows it (each record has its commit)."""
     from recbole_llm.core.locate import default_config_files
     files = {}
     for path in default_config_files(model, dataset, profile):
         with open(path, "rb") as f:
             files[os.path.basename(path)] = hashlib.sha256(f.read()).hexdigest()[:10]
-    return {"config_files": files} if files else {}
+    return files
 
 
 def plan(args, mode):
@@ -226,10 +227,11 @@ def plan(args, mode):
                 config_dict = dict(variant.overrides, **extra, seed=seed, show_progress=False)
                 profile = variant.profile or args.profile
                 digest = config_digest({"model": variant.model, "dataset": dataset, "profile": profile,
-                                        **config_dict, **profile_contents(variant.model, dataset, profile)})
+                                        **config_dict})
                 run_id = f"{dataset}|{variant.id}|seed={seed}|{digest}"
                 runs.append({"run_id": run_id, "dataset": dataset, "variant": variant, "seed": seed,
-                             "config_dict": config_dict, "profile": profile})
+                             "config_dict": config_dict, "profile": profile,
+                             "config_files": profile_contents(variant.model, dataset, profile)})
     return runs
 
 
@@ -287,7 +289,8 @@ def run_one(run, args, mode, jsonl_path):
     rc, wall, peak = common.run_child([sys.executable, os.path.abspath(__file__), "--child", spec_path], log_path,
                                       env=common.child_env(args.threads), timeout=args.timeout)
     loads.append(common.load_average())
-    record = {"run_id": run["run_id"], "mode": mode, "dataset": run["dataset"], "variant": variant.id,
+    record = {"run_id": run["run_id"], "config_files": run["config_files"], "mode": mode, "dataset": run["dataset"],
+              "variant": variant.id,
               "label": variant.label, "model": variant.model, "family": variant.family, "base": variant.base,
               "seed": run["seed"], "profile": run["profile"], "overrides": run["config_dict"],
               "started": started, "wall_s": round(wall, 1), "peak_rss_mib": round(peak, 1),
@@ -315,7 +318,13 @@ def resumed_in_log(path, offset):
 
 
 def finished_ids(jsonl_path):
-    return {r["run_id"] for r in common.read_jsonl(jsonl_path) if r.get("status") == "ok"}
+    """(run id, YAML digests) of every finished run; a record made before runs recorded their YAMLs has None."""
+    return {(r["run_id"], json.dumps(r.get("config_files"), sort_keys=True))
+            for r in common.read_jsonl(jsonl_path) if r.get("status") == "ok"}
+
+
+def is_finished(run, done):
+    return (run["run_id"], json.dumps(run["config_files"], sort_keys=True)) in done
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -575,7 +584,7 @@ def main(argv=None):
     if not args.report_only:
         done = finished_ids(jsonl_path)
         failed = {r["run_id"] for r in common.read_jsonl(jsonl_path) if r.get("status") == "failed"}
-        todo = [r for r in runs if r["run_id"] not in done and not (args.no_retry and r["run_id"] in failed)]
+        todo = [r for r in runs if not is_finished(r, done) and not (args.no_retry and r["run_id"] in failed)]
         print(f"quality ({mode}): {len(runs)} runs planned, {len(runs) - len(todo)} already finished, "
               f"{len(todo)} to run; results -> {jsonl_path}", flush=True)
         try:

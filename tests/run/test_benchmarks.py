@@ -267,17 +267,21 @@ def test_speed_eval_times_and_measures_each_model_on_its_own(tmp_path):
     assert f"| {seralm['weights_mib']:.1f} + 120 |" in text
 
 
-def test_run_id_changes_with_the_profile_yaml(tmp_path, monkeypatch):
+def test_a_run_recorded_under_another_profile_yaml_is_not_finished(tmp_path, monkeypatch):
     """A run recorded under one CPU profile is not taken as done after the profile's YAML changed (the working
-    directory's properties/ wins the search, so a copy there stands in for an edit)."""
+    directory's properties/ wins the search, so a copy there stands in for an edit); its id, which the report
+    matches, stays the same."""
     args, _ = quality.parse_args(["--variants", "Laser", "--datasets", "amazon-scientific", "--seeds", "1"])
-    before = [r["run_id"] for r in quality.plan(args, "cpu")]
+    (before,) = quality.plan(args, "cpu")
+    done = {(before["run_id"], json.dumps(before["config_files"], sort_keys=True))}
+    assert "Laser-cpu.yaml" in before["config_files"] and quality.is_finished(before, done)
     monkeypatch.chdir(tmp_path)
-    assert [r["run_id"] for r in quality.plan(args, "cpu")] == before  # same files found: same id
     os.makedirs("properties/model")
     with open(os.path.join(REPO, "properties", "model", "Laser-cpu.yaml")) as f:
         text = f.read()
     with open("properties/model/Laser-cpu.yaml", "w") as f:
         f.write(text + "\nstage1_epochs: 1\n")
-    after = [r["run_id"] for r in quality.plan(args, "cpu")]
-    assert len(after) == 1 and after != before
+    (after,) = quality.plan(args, "cpu")
+    assert after["run_id"] == before["run_id"] and not quality.is_finished(after, done)
+    legacy = {(before["run_id"], json.dumps(None))}  # a record from before runs recorded their YAMLs
+    assert not quality.is_finished(before, legacy)
