@@ -317,14 +317,19 @@ def resumed_in_log(path, offset):
         return False
 
 
+def done_key(run_id, config_files):
+    """What a finished run is known by: its id and the digests of the YAMLs it loaded (None in a record made before
+    runs recorded them, so such a run is done again)."""
+    return run_id, json.dumps(config_files, sort_keys=True)
+
+
 def finished_ids(jsonl_path):
-    """(run id, YAML digests) of every finished run; a record made before runs recorded their YAMLs has None."""
-    return {(r["run_id"], json.dumps(r.get("config_files"), sort_keys=True))
+    return {done_key(r["run_id"], r.get("config_files"))
             for r in common.read_jsonl(jsonl_path) if r.get("status") == "ok"}
 
 
 def is_finished(run, done):
-    return (run["run_id"], json.dumps(run["config_files"], sort_keys=True)) in done
+    return done_key(run["run_id"], run["config_files"]) in done
 
 
 # --------------------------------------------------------------------------------------------- report

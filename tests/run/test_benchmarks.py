@@ -273,7 +273,7 @@ def test_a_run_recorded_under_another_profile_yaml_is_not_finished(tmp_path, mon
     matches, stays the same."""
     args, _ = quality.parse_args(["--variants", "Laser", "--datasets", "amazon-scientific", "--seeds", "1"])
     (before,) = quality.plan(args, "cpu")
-    done = {(before["run_id"], json.dumps(before["config_files"], sort_keys=True))}
+    done = {quality.done_key(before["run_id"], before["config_files"])}
     assert "Laser-cpu.yaml" in before["config_files"] and quality.is_finished(before, done)
     monkeypatch.chdir(tmp_path)
     os.makedirs("properties/model")
@@ -283,5 +283,5 @@ def test_a_run_recorded_under_another_profile_yaml_is_not_finished(tmp_path, mon
         f.write(text + "\nstage1_epochs: 1\n")
     (after,) = quality.plan(args, "cpu")
     assert after["run_id"] == before["run_id"] and not quality.is_finished(after, done)
-    legacy = {(before["run_id"], json.dumps(None))}  # a record from before runs recorded their YAMLs
+    legacy = {quality.done_key(before["run_id"], None)}  # a record from before runs recorded their YAMLs
     assert not quality.is_finished(before, legacy)
