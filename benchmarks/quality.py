@@ -117,6 +117,10 @@ LASER_CONTROLS = {
                   "only the item bias learns (suffix and M-Former at learning rate 1e-12: the keys must be > 0)"),
     "steps1536": ({"stage1_epochs": 2, "train_samples_per_epoch": 512},
                   "2 + 1 epochs of 512 training sequences (the CPU profile's budget before 4 + 1 of 2,048)"),
+    "collab_route_plr4": ({"sr_user_state": "predictive", "sr_item_state": "embedding", "prefix_init": "zero",
+                           "prefix_learning_rate": 1e-4},
+                          "BERT4Rec's predictive state and item embeddings, zero-initialised prefix, M-Former at "
+                          "learning rate 1e-4"),
 }
 SERALM_ALIGNED_CONTROLS = {
     "nobaseline": ({"align_baseline": "none"}, "no baseline in the weight"),
