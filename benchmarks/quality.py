@@ -117,6 +117,12 @@ LASER_CONTROLS = {
                   "only the item bias learns (suffix and M-Former at learning rate 1e-12: the keys must be > 0)"),
     "steps1536": ({"stage1_epochs": 2, "train_samples_per_epoch": 512},
                   "2 + 1 epochs of 512 training sequences (the CPU profile's budget before 4 + 1 of 2,048)"),
+    "user_mean": ({"user_centering": "user_mean"}, "users centred by the mean user embedding, not the item mean"),
+    "user_mean_untrained": ({"user_centering": "user_mean", "epochs": 0},
+                            "users centred by the mean user embedding, untrained (0 epochs)"),
+    "user_mean_route": ({"user_centering": "user_mean", "sr_user_state": "predictive", "sr_item_state": "embedding",
+                         "prefix_init": "zero", "prefix_learning_rate": 1e-4},
+                        "users centred by their mean, and the collaborative route with M-Former at 1e-4"),
     "collab_route_plr4": ({"sr_user_state": "predictive", "sr_item_state": "embedding", "prefix_init": "zero",
                            "prefix_learning_rate": 1e-4},
                           "BERT4Rec's predictive state and item embeddings, zero-initialised prefix, M-Former at "

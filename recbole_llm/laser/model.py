@@ -83,6 +83,7 @@ SUFFIX_INITS = ("random", "eos")
 NO_MFORMER_PREFIXES = ("learned", "linear")
 POOLINGS = ("suffix", "mean", "eos")
 SCORE_CENTERINGS = ("none", "item_mean", "whiten")
+USER_CENTERINGS = ("item_mean", "user_mean")
 SR_USER_STATES = ("positions", "predictive")
 SR_ITEM_STATES = ("history", "embedding")
 PREFIX_INITS = ("default", "token_scale", "zero")
@@ -151,6 +152,7 @@ class Laser(SequentialRecommender):
         "suffix_init": SUFFIX_INITS,
         "no_mformer_prefix": NO_MFORMER_PREFIXES,
         "score_centering": SCORE_CENTERINGS,
+        "user_centering": USER_CENTERINGS,
         "sr_user_state": SR_USER_STATES,
         "sr_item_state": SR_ITEM_STATES,
         "prefix_init": PREFIX_INITS,
@@ -172,6 +174,7 @@ class Laser(SequentialRecommender):
         "prefix_learning_rate": POSITIVE,
         "whitening_eps": POSITIVE,
         "item_bias_learning_rate": POSITIVE,
+        "user_center_samples": POSITIVE_INT,
     }
 
     @classmethod
@@ -215,6 +218,7 @@ class Laser(SequentialRecommender):
         # `or`: the config of a checkpoint saved before these switches existed lacks them (None); it ran as the
         # value after `or` (the defaults themselves are in Laser.yaml)
         self.score_centering = config["score_centering"] or "none"
+        self.user_centering = config["user_centering"] or "item_mean"
         self.sr_user_state = config["sr_user_state"] or "positions"
         self.sr_item_state = config["sr_item_state"] or "history"
         self.sampled_negatives = config["sampled_negatives"] or 0
@@ -254,16 +258,20 @@ class Laser(SequentialRecommender):
         self.item_bias = nn.Parameter(torch.zeros(self.n_items)) if config["item_bias"] else None
 
         self._tokenise_pieces(config, dataset)
+        self._pick_center_users(config, dataset)
 
         # item matrix of the current stage (rows L2-normalised; row 0 = padding), cached between refreshes
         self.item_tower = None  # the frozen item side of stage 2 (see freeze_item_side)
         self.item_matrix = None
         self.item_center = None
         self.item_whitening = None  # [d, d] with score_centering: whiten, made with the matrix and kept with it
+        self.user_center = None  # with user_centering: user_mean, the sample users' mean embedding
+        self.user_center_version = -1
         self.item_matrix_version = -1
         self.param_version = 0  # bumped by the trainer after every optimizer step
         self.training_stage = 1
-        self.other_parameter_name = ["item_matrix", "item_center", "item_whitening", "item_matrix_version", "param_version", "training_stage"]
+        self.other_parameter_name = ["item_matrix", "item_center", "item_whitening", "item_matrix_version",
+                                     "user_center", "user_center_version", "param_version", "training_stage"]
         workers = worker_settings(config)
         self._worker_args = (config, dataset, workers) if workers[0] > 1 else None  # item refresh on Ray actors
         self._item_workers = None
@@ -328,6 +336,24 @@ class Laser(SequentialRecommender):
             encoded = truncate_keeping_apart(encoded, max_tokens) if config["item_text_unique"] else \
                 [ids[:max_tokens] for ids in encoded]
         self.item_text_ids = [[]] + encoded
+
+    def _pick_center_users(self, config, dataset):
+        """With ``user_centering: user_mean``: a fixed sample of the training sequences (drawn with the run's seed)
+        whose mean embedding centres every user vector, recomputed whenever the item matrix is."""
+        self.register_buffer("center_seq", None, persistent=False)
+        self.register_buffer("center_len", None, persistent=False)
+        if self.user_centering != "user_mean":
+            return
+        if self.score_centering == "none":
+            raise ConfigError("user_centering: user_mean centres user vectors before the cosine, so it needs "
+                              "score_centering: item_mean or whiten; with score_centering: none (the paper's plain "
+                              "cosine) set user_centering: item_mean.")
+        sequences = dataset.inter_feat[self.ITEM_SEQ]
+        generator = torch.Generator().manual_seed(int(config["seed"] or 0))
+        count = min(int(config["user_center_samples"]), len(sequences))
+        rows = torch.randperm(len(sequences), generator=generator)[:count]
+        self.register_buffer("center_seq", sequences[rows].clone(), persistent=False)
+        self.register_buffer("center_len", dataset.inter_feat[self.ITEM_SEQ_LEN][rows].clone(), persistent=False)
 
     def _log_parameter_counts(self):
         total = sum(p.numel() for p in self.parameters())
@@ -522,12 +548,33 @@ class Laser(SequentialRecommender):
         matrix[1:] = self.score_vectors(matrix[1:])
         self.item_matrix = matrix
         self.item_matrix_version = self.param_version
+        self._refresh_user_center()
         self.train(was_training)
         return True
 
+    @torch.no_grad()
+    def _refresh_user_center(self):
+        """The mean embedding of the sample users with the current weights (user_centering: user_mean), eval mode."""
+        if self.center_seq is None:
+            return
+        was_training = self.training
+        self.eval()
+        rows = [self.forward(self.center_seq[start:start + self.encode_batch_size],
+                             self.center_len[start:start + self.encode_batch_size])[0]
+                for start in range(0, len(self.center_seq), self.encode_batch_size)]
+        self.user_center = torch.cat(rows).mean(0)
+        self.user_center_version = self.param_version
+        self.train(was_training)
+
     def _require_item_matrix(self):
+        """The item matrix (computed if there is none) and, with user_centering: user_mean, a user centre made with
+        the weights being scored: outside training it is recomputed once the user side has changed (stage 2, where
+        the matrix stays fixed); while training it stays the one of the last refresh or evaluation, as the matrix."""
         if self.item_matrix is None:
             self.refresh_item_matrix(show_progress=False)
+        if self.center_seq is not None and (self.user_center is None or (
+                not self.training and self.user_center_version != self.param_version)):
+            self._refresh_user_center()
         return self.item_matrix
 
     def _encode_on_workers(self, batches, store):
@@ -560,10 +607,11 @@ class Laser(SequentialRecommender):
         items = self.encode_items(candidates)
         if self.score_centering == "whiten":  # a batch is far too few rows to whiten: the last item matrix's centre
             self._require_item_matrix()        # and transform (the pair it was fitted as), no grad
-            user, items = self.score_vectors(user), self.score_vectors(items)
+            user, items = self.score_vectors(user, users=True), self.score_vectors(items)
         else:
             center = items.mean(0, keepdim=True).detach() if self.score_centering == "item_mean" else 0.0
-            user = F.normalize(user - center, dim=-1)
+            user_center = user.mean(0, keepdim=True).detach() if self.center_seq is not None else center
+            user = F.normalize(user - user_center, dim=-1)
             items = F.normalize(items - center, dim=-1)
         logits = self._add_item_bias(user @ items.t() / self.temperature, candidates)
         # a candidate equal to the row's positive (other than its own column) is not a negative
@@ -582,7 +630,7 @@ class Laser(SequentialRecommender):
         pos_items = interaction[self.POS_ITEM_ID]
         item_matrix = self._require_item_matrix()
         user, lb_loss = self.forward(item_seq, item_seq_len)
-        user = self.score_vectors(user)
+        user = self.score_vectors(user, users=True)
         logits = self._add_item_bias(user @ item_matrix.t() / self.temperature)
         if self.iic_positive_grad:
             positive = self.score_vectors(self.encode_items(pos_items))
@@ -597,13 +645,15 @@ class Laser(SequentialRecommender):
         for start in range(0, item_seq.size(0), self.encode_batch_size):
             end = start + self.encode_batch_size
             rows.append(self.forward(item_seq[start:end], item_seq_len[start:end])[0])
-        return self.score_vectors(torch.cat(rows))
+        return self.score_vectors(torch.cat(rows), users=True)
 
-    def score_vectors(self, embeddings):
-        """Unit vectors the cosine is taken between: h - mu (the item matrix mean) with score_centering, then times
-        the item matrix's whitening transform with ``whiten``, else h."""
-        if self.item_center is not None:
-            embeddings = embeddings - self.item_center
+    def score_vectors(self, embeddings, users=False):
+        """Unit vectors the cosine is taken between: h - mu (the item matrix mean; for ``users`` with user_centering:
+        user_mean, the sample users' mean) with score_centering, then times the item matrix's whitening transform
+        with ``whiten``, else h."""
+        center = self.user_center if users and self.center_seq is not None else self.item_center
+        if center is not None:
+            embeddings = embeddings - center
         if self.item_whitening is not None:
             embeddings = embeddings @ self.item_whitening
         return F.normalize(embeddings, dim=-1)

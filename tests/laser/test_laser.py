@@ -360,16 +360,19 @@ def test_two_stage_fit_checkpoint_and_resume(root):
 
 
 @pytest.mark.parametrize("stages,centering", [((2, 0), "none"), ((1, 2), "none"), ((0, 2), "none"),
-                                              ((1, 2), "whiten")],
-                         ids=["stage1", "stage2", "no_stage1", "stage2_whiten"])
+                                              ((1, 2), "whiten"), ((1, 2), "whiten+user_mean")],
+                         ids=["stage1", "stage2", "no_stage1", "stage2_whiten", "stage2_user_mean"])
 def test_a_checkpoints_item_matrix_is_the_one_its_own_weights_make(root, stages, centering):
     """Validation, test and a reloaded checkpoint score against the matrix of the weights being scored: after stage 1
-    the epoch's own weights, in stage 2 the frozen item side that made the fixed matrix (saved with it)."""
+    the epoch's own weights, in stage 2 the frozen item side that made the fixed matrix (saved with it); with
+    user_centering: user_mean the saved user centre is the one the saved user side makes."""
     from recbole_llm.laser.trainer import LaserTrainer
 
     stage1, stage2 = stages
+    centering, _, user_centering = centering.partition("+")
     overrides = dict(stage1_epochs=max(stage1, 1), stage2_epochs=max(stage2, 1), skip_stage1=stage1 == 0,
-                     skip_stage2=stage2 == 0, train_samples_per_epoch=16, learning_rate=0.05, score_centering=centering)
+                     skip_stage2=stage2 == 0, train_samples_per_epoch=16, learning_rate=0.05, score_centering=centering,
+                     user_centering=user_centering or "item_mean")
     config, model, train_data, valid_data, _ = H.build(root, **overrides)
     trainer = LaserTrainer(config, model)
     trainer.fit(train_data, valid_data, saved=True)
@@ -381,8 +384,12 @@ def test_a_checkpoints_item_matrix_is_the_one_its_own_weights_make(root, stages,
     fresh.load_other_parameter(checkpoint["other_parameter"])
     saved = fresh.item_matrix.clone()
     saved_whitening = fresh.item_whitening
+    saved_user_center = fresh.user_center
     fresh.refresh_item_matrix(force=True, show_progress=False)
     assert torch.allclose(fresh.item_matrix, saved, atol=1e-5)
+    assert (saved_user_center is None) == (not user_centering)
+    if saved_user_center is not None:  # in stage 2 the user side trained on after the matrix was fixed
+        assert torch.allclose(fresh.user_center, saved_user_center, atol=1e-5)
     assert (saved_whitening is None) == (centering != "whiten")
     if saved_whitening is not None:  # the transform is the one the matrix's own weights make, saved with it
         assert torch.allclose(fresh.item_whitening, saved_whitening, atol=1e-4)
@@ -681,6 +688,33 @@ def test_whiten_scores_are_cosines_after_the_items_transform(root):
         user = model.forward(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN])[0]
         user = torch.nn.functional.normalize((user - center) @ transform, dim=-1)
         assert torch.allclose(model.full_sort_predict(batch), user @ model.item_matrix.t(), atol=1e-4)
+
+
+def test_user_mean_centres_users_by_the_sample_users_mean_and_items_by_theirs(root):
+    """user_centering: user_mean: full_sort_predict is the cosine of (h_u - mu_users) W with the item matrix rows
+    (h_i - mu_items) W, mu_users the mean embedding of user_center_samples fixed training sequences, recomputed for
+    evaluation once the weights change; the paper's plain cosine refuses it."""
+    from recbole_llm.core.errors import ConfigError
+
+    config, model, train_data, _, _ = H.build(root, score_centering="whiten", user_centering="user_mean",
+                                              user_center_samples=8)
+    model.eval()
+    model.refresh_item_matrix(force=True, show_progress=False)
+    with torch.no_grad():
+        assert len(model.center_seq) == 8
+        center = model.forward(model.center_seq, model.center_len)[0].mean(0)
+        assert torch.allclose(model.user_center, center, atol=1e-5)
+        assert not torch.allclose(center, model.item_center, atol=1e-3)
+        batch = H.first_batch(train_data)
+        user = model.forward(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN])[0]
+        user = torch.nn.functional.normalize((user - center) @ model.item_whitening, dim=-1)
+        assert torch.allclose(model.full_sort_predict(batch), user @ model.item_matrix.t(), atol=1e-4)
+        model.suffix.add_(1.0)
+        model.mark_parameters_updated()
+        model.full_sort_predict(batch)
+        assert not torch.allclose(model.user_center, center, atol=1e-3)  # the new weights' centre
+    with pytest.raises(ConfigError, match="score_centering"):
+        H.build(root, score_centering="none", user_centering="user_mean")
 
 
 @pytest.mark.parametrize("centering", ["item_mean", "whiten"])
