@@ -124,6 +124,8 @@ LASER_CONTROLS = {
                                "users centred by their mean, no item bias (what Bi-Tuning learns on its own)"),
     "user_mean_bias_only": ({"user_centering": "user_mean", "learning_rate": 1e-12, "prefix_learning_rate": 1e-12},
                             "users centred by their mean, only the item bias learns"),
+    "user_mean_tau": ({"user_centering": "user_mean", "temperature_learning_rate": 0.01},
+                      "users centred by their mean, tau learned (rate 0.01 on log 1/tau)"),
     "user_mean_route": ({"user_centering": "user_mean", "sr_user_state": "predictive", "sr_item_state": "embedding",
                          "prefix_init": "zero", "prefix_learning_rate": 1e-4},
                         "users centred by their mean, and the collaborative route with M-Former at 1e-4"),

@@ -31,6 +31,12 @@ Choices where the paper is silent:
   the item matrix, and trains in both stages at ``item_bias_learning_rate``; a cosine of unit vectors made by
   shared weights cannot express how often an item is bought. Not carried over by ``init_checkpoint`` (its
   items are another dataset's).
+- ``temperature_learning_rate`` (not in the paper, whose tau is fixed) learns tau as CLIP learns its logit scale: a
+  fixed tau made the softmax of a truncated LLM's cosines worse than uniform, and the first training steps then went
+  into flattening the cosines rather than ranking with them.
+- ``user_centering: user_mean`` centres user vectors by the mean embedding of a fixed sample of training sequences
+  (made with the weights scored) instead of the item mean: a user's text (a history) and an item's (one line) have
+  different means, and the difference, shared by every user, points all of them at the same few items.
 - "w/o M-Former" (Table 4) keeps L prefix tokens but gives them no ID-based information: they are learned free
   vectors (plain prefix tuning), our reading of "the importance of using ID-based collaborative information".
   ``no_mformer_prefix: linear`` maps the SR's user state linearly instead (the CoLLM-style projection the paper
@@ -45,6 +51,7 @@ Choices where the paper is silent:
 
 import copy
 import logging
+import math
 import os
 
 import torch
@@ -175,6 +182,7 @@ class Laser(SequentialRecommender):
         "whitening_eps": POSITIVE,
         "item_bias_learning_rate": POSITIVE,
         "user_center_samples": POSITIVE_INT,
+        "temperature_learning_rate": POSITIVE,
     }
 
     @classmethod
@@ -256,6 +264,10 @@ class Laser(SequentialRecommender):
 
         # per-item logit, zero at the start (so untrained scores are the cosine's); None = the paper's cosine alone
         self.item_bias = nn.Parameter(torch.zeros(self.n_items)) if config["item_bias"] else None
+        # log(1 / tau), learned (CLIP's logit scale) when temperature_learning_rate is set; None = tau fixed (paper)
+        self.temperature_learning_rate = config["temperature_learning_rate"]
+        self.log_inv_tau = nn.Parameter(torch.tensor(math.log(1.0 / self.temperature))) \
+            if self.temperature_learning_rate else None
 
         self._tokenise_pieces(config, dataset)
         self._pick_center_users(config, dataset)
@@ -306,13 +318,16 @@ class Laser(SequentialRecommender):
         still load on resume."""
         trainable = [p for p in self.parameters() if p.requires_grad]
         prefix_lr = self.prefix_learning_rate or learning_rate
-        if self.item_bias is None and (prefix_lr == learning_rate or self.prefix_module is None):
+        if self.item_bias is None and self.log_inv_tau is None and (prefix_lr == learning_rate
+                                                                    or self.prefix_module is None):
             return [{"params": trainable, "lr": learning_rate}]
         prefix = {id(p) for p in self.prefix_module.parameters()} if self.prefix_module is not None else set()
         bias = {id(self.item_bias)} if self.item_bias is not None else set()
-        groups = ({"params": [p for p in trainable if id(p) not in prefix | bias], "lr": learning_rate},
+        scale = {id(self.log_inv_tau)} if self.log_inv_tau is not None else set()
+        groups = ({"params": [p for p in trainable if id(p) not in prefix | bias | scale], "lr": learning_rate},
                   {"params": [p for p in trainable if id(p) in prefix], "lr": prefix_lr},
-                  {"params": [p for p in trainable if id(p) in bias], "lr": self.item_bias_learning_rate})
+                  {"params": [p for p in trainable if id(p) in bias], "lr": self.item_bias_learning_rate},
+                  {"params": [p for p in trainable if id(p) in scale], "lr": self.temperature_learning_rate})
         return [group for group in groups if group["params"]]
 
     def _ids(self, text):
@@ -411,6 +426,10 @@ class Laser(SequentialRecommender):
         state = {key: value for key, value in state.items() if key != "item_bias"}  # the other dataset's items
         if self.item_bias is not None:
             state["item_bias"] = self.item_bias.detach().clone()
+        if self.log_inv_tau is None:
+            state.pop("log_inv_tau", None)
+        elif "log_inv_tau" not in state:  # the other run's tau was fixed: this one starts at its own
+            state["log_inv_tau"] = self.log_inv_tau.detach().clone()
         try:
             self.load_state_dict(state)
         except RuntimeError as err:
@@ -613,7 +632,7 @@ class Laser(SequentialRecommender):
             user_center = user.mean(0, keepdim=True).detach() if self.center_seq is not None else center
             user = F.normalize(user - user_center, dim=-1)
             items = F.normalize(items - center, dim=-1)
-        logits = self._add_item_bias(user @ items.t() / self.temperature, candidates)
+        logits = self._add_item_bias(user @ items.t() / self.tau(), candidates)
         # a candidate equal to the row's positive (other than its own column) is not a negative
         same = candidates.unsqueeze(0) == pos_items.unsqueeze(1)
         own = torch.zeros_like(same)
@@ -631,10 +650,10 @@ class Laser(SequentialRecommender):
         item_matrix = self._require_item_matrix()
         user, lb_loss = self.forward(item_seq, item_seq_len)
         user = self.score_vectors(user, users=True)
-        logits = self._add_item_bias(user @ item_matrix.t() / self.temperature)
+        logits = self._add_item_bias(user @ item_matrix.t() / self.tau())
         if self.iic_positive_grad:
             positive = self.score_vectors(self.encode_items(pos_items))
-            fresh = self._add_item_bias((user * positive).sum(-1) / self.temperature, pos_items)
+            fresh = self._add_item_bias((user * positive).sum(-1) / self.tau(), pos_items)
             logits = logits.scatter(1, pos_items.unsqueeze(1), fresh.unsqueeze(1))
         logits[:, 0] = float("-inf")  # padding is not an item
         iic_loss = F.cross_entropy(logits, pos_items)
@@ -658,6 +677,17 @@ class Laser(SequentialRecommender):
             embeddings = embeddings @ self.item_whitening
         return F.normalize(embeddings, dim=-1)
 
+    def tau(self):
+        """The IIC temperature: ``temperature``, or with temperature_learning_rate the learned one (kept >= 0.01, as
+        CLIP caps its logit scale at 100)."""
+        if self.log_inv_tau is None:
+            return self.temperature
+        return torch.exp(-self.log_inv_tau.clamp(max=math.log(100.0)))
+
+    def _fixed_tau(self):
+        """tau for scoring (no gradient)."""
+        return self.temperature if self.log_inv_tau is None else self.tau().detach()
+
     def _add_item_bias(self, logits, items=None):
         """Logits plus the bias of the item each entry of their last axis scores (``items``: those item ids, e.g. a
         batch's candidates or each row's positive; None = all items, the last axis is [n_items])."""
@@ -670,7 +700,7 @@ class Laser(SequentialRecommender):
         user = self._user_embeddings_chunked(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
         items = interaction[self.ITEM_ID]
         score = (user * matrix[items]).sum(-1)
-        return score if self.item_bias is None else score + self.temperature * self.item_bias[items]
+        return score if self.item_bias is None else score + self._fixed_tau() * self.item_bias[items]
 
     def full_sort_predict(self, interaction):
         """Cosine of each user with every item of the cached item matrix (plus tau * b_i with ``item_bias``):
@@ -678,7 +708,7 @@ class Laser(SequentialRecommender):
         matrix = self._require_item_matrix()
         user = self._user_embeddings_chunked(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
         scores = user @ matrix.t()
-        return scores if self.item_bias is None else scores + self.temperature * self.item_bias
+        return scores if self.item_bias is None else scores + self._fixed_tau() * self.item_bias
 
 
 def whitening(centred, eps):

@@ -729,6 +729,37 @@ def test_sampled_negatives_loss_trains_both_towers(root, centering):
     assert model.suffix.grad is not None and float(model.suffix.grad.abs().sum()) > 0
 
 
+def test_learned_temperature_starts_at_tau_trains_at_its_own_rate_and_ranks_as_the_loss(root, tmp_path):
+    """temperature_learning_rate: 1/tau is a parameter starting at 1/temperature, in its own Adam group; the loss's
+    logits are cos / tau + b_i and full_sort_predict ranks by cos + tau * b_i with the learned tau; an
+    init_checkpoint without it leaves this run's start."""
+    from recbole_llm.laser.trainer import LaserTrainer
+
+    config, model, train_data, valid_data, _ = H.build(root, item_bias=True, temperature_learning_rate=0.5)
+    assert float(model.tau()) == pytest.approx(0.05)
+    trainer = LaserTrainer(config, model)
+    rates = {id(p): group["lr"] for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert rates[id(model.log_inv_tau)] == 0.5
+    model.train()
+    loss = sum(model.calculate_loss(H.first_batch(train_data)))
+    trainer.optimizer.zero_grad()
+    loss.backward()
+    trainer.optimizer.step()
+    model.mark_parameters_updated()
+    assert float(model.tau()) != pytest.approx(0.05, rel=1e-3)
+    model.eval()
+    interaction = H.first_batch(valid_data)[0]
+    with torch.no_grad():
+        user = model._user_embeddings_chunked(interaction["item_id_list"], interaction["item_length"])
+        expected = user @ model.item_matrix.t() + model.tau() * model.item_bias
+        assert torch.allclose(model.full_sort_predict(interaction), expected, atol=1e-5)
+    _, fixed, _, _, _ = H.build(root, item_bias=True)
+    path = tmp_path / "fixed.pth"
+    torch.save({"state_dict": fixed.state_dict()}, path)
+    model.load_trainable_weights(str(path))
+    assert float(model.tau()) != pytest.approx(0.05, rel=1e-3)  # kept: the checkpoint had no learned tau
+
+
 def test_item_bias_starts_at_zero_trains_at_its_own_rate_and_ranks_as_the_loss(root, tmp_path):
     """item_bias: untrained scores are the cosine's; the loss's logits are cos / tau + b_i and full_sort_predict ranks
     by cos + tau * b_i; b has its own Adam rate, trains, and is saved but not carried to another dataset's run."""
