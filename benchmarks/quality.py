@@ -126,6 +126,15 @@ LASER_CONTROLS = {
                             "users centred by their mean, only the item bias learns"),
     "user_mean_tau": ({"user_centering": "user_mean", "temperature_learning_rate": 0.01},
                       "users centred by their mean, tau learned (rate 0.01 on log 1/tau)"),
+    "user_mean_route_noshared": ({"user_centering": "user_mean", "sr_user_state": "predictive",
+                                  "sr_item_state": "embedding", "prefix_init": "zero", "prefix_learning_rate": 1e-4,
+                                  "remove_shared_user_gradient": True},
+                                 "users centred by their mean, the collaborative route with M-Former at 1e-4, and "
+                                 "no gradient that moves a batch's users alike"),
+    "user_mean_noshared_lr1e-3": ({"user_centering": "user_mean", "remove_shared_user_gradient": True,
+                                   "learning_rate": 1e-3},
+                                  "users centred by their mean, no gradient that moves a batch's users alike, "
+                                  "suffix at learning rate 1e-3"),
     "user_mean_route": ({"user_centering": "user_mean", "sr_user_state": "predictive", "sr_item_state": "embedding",
                          "prefix_init": "zero", "prefix_learning_rate": 1e-4},
                         "users centred by their mean, and the collaborative route with M-Former at 1e-4"),

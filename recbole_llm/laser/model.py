@@ -227,6 +227,7 @@ class Laser(SequentialRecommender):
         # value after `or` (the defaults themselves are in Laser.yaml)
         self.score_centering = config["score_centering"] or "none"
         self.user_centering = config["user_centering"] or "item_mean"
+        self.remove_shared_user_gradient = bool(config["remove_shared_user_gradient"])
         self.sr_user_state = config["sr_user_state"] or "positions"
         self.sr_item_state = config["sr_item_state"] or "history"
         self.sampled_negatives = config["sampled_negatives"] or 0
@@ -649,6 +650,10 @@ class Laser(SequentialRecommender):
         pos_items = interaction[self.POS_ITEM_ID]
         item_matrix = self._require_item_matrix()
         user, lb_loss = self.forward(item_seq, item_seq_len)
+        if self.remove_shared_user_gradient:
+            # scores unchanged; the backward pass loses the part that moves the batch's users alike
+            shift = user.mean(0, keepdim=True)
+            user = user - (shift - shift.detach())
         user = self.score_vectors(user, users=True)
         logits = self._add_item_bias(user @ item_matrix.t() / self.tau())
         if self.iic_positive_grad:

@@ -717,6 +717,36 @@ def test_user_mean_centres_users_by_the_sample_users_mean_and_items_by_theirs(ro
         H.build(root, score_centering="none", user_centering="user_mean")
 
 
+def test_remove_shared_user_gradient_keeps_the_loss_and_drops_the_batch_mean_gradient(root):
+    """remove_shared_user_gradient: the same loss value; the gradient reaching the user vectors sums to zero over the
+    batch (no part of it moves every user alike)."""
+    config, model, train_data, _, _ = H.build(root, score_centering="whiten", user_centering="user_mean")
+    _, removed, _, _, _ = H.build(root, score_centering="whiten", user_centering="user_mean",
+                                  remove_shared_user_gradient=True)
+    batch = H.first_batch(train_data)
+    grads, losses = [], []
+    for m in (model, removed):
+        m.train()
+        m._require_item_matrix()
+        captured = {}
+        real = m.forward
+
+        def forward(*args, real=real, captured=captured):
+            user, lb = real(*args)
+            user.retain_grad()
+            captured["user"] = user
+            return user, lb
+        m.forward = forward
+        H.seeded(0)  # the same dropout draws
+        loss = m.calculate_loss(batch)[0]
+        loss.backward()
+        losses.append(float(loss))
+        grads.append(captured["user"].grad)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert float(grads[0].sum(0).norm()) > 1e-3 * float(grads[0].norm())
+    assert float(grads[1].sum(0).norm()) < 1e-5 * float(grads[1].norm())
+
+
 @pytest.mark.parametrize("centering", ["item_mean", "whiten"])
 def test_sampled_negatives_loss_trains_both_towers(root, centering):
     """sampled_negatives: each user against the batch's positives and n random items, all encoded with grad; with
