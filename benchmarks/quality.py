@@ -135,6 +135,10 @@ LASER_CONTROLS = {
                                    "learning_rate": 1e-3},
                                   "users centred by their mean, no gradient that moves a batch's users alike, "
                                   "suffix at learning rate 1e-3"),
+    "sasrec_route_plr4": ({"frozen_sr_model": "SASRec", "sr_user_state": "predictive", "sr_item_state": "embedding",
+                           "prefix_init": "zero", "prefix_learning_rate": 1e-4},
+                          "the collaborative route with M-Former at 1e-4, from a frozen SASRec instead of BERT4Rec "
+                          "(paper Figure 4)"),
     "user_mean_route": ({"user_centering": "user_mean", "sr_user_state": "predictive", "sr_item_state": "embedding",
                          "prefix_init": "zero", "prefix_learning_rate": 1e-4},
                         "users centred by their mean, and the collaborative route with M-Former at 1e-4"),
