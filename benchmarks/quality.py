@@ -135,6 +135,10 @@ LASER_CONTROLS = {
                                    "learning_rate": 1e-3},
                                   "users centred by their mean, no gradient that moves a batch's users alike, "
                                   "suffix at learning rate 1e-3"),
+    "collab_route_plr4_no_item_bias": ({"sr_user_state": "predictive", "sr_item_state": "embedding",
+                                        "prefix_init": "zero", "prefix_learning_rate": 1e-4, "item_bias": False},
+                                       "the collaborative route with M-Former at 1e-4, no item bias (what the "
+                                       "M-Former learns without it)"),
     "sasrec_route_plr4": ({"frozen_sr_model": "SASRec", "sr_user_state": "predictive", "sr_item_state": "embedding",
                            "prefix_init": "zero", "prefix_learning_rate": 1e-4},
                           "the collaborative route with M-Former at 1e-4, from a frozen SASRec instead of BERT4Rec "
