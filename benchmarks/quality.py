@@ -233,14 +233,16 @@ def config_digest(config_dict):
 
 
 def profile_contents(model, dataset, profile):
-    """{file name: digest} of the YAMLs the run loads under its overrides (dataset settings, size profile): a run
-    recorded under other contents is not taken as already done (the overrides in its id do not say it), while the
-    report still shows it (each record has its commit)."""
+    """{file name: digest} of the settings in the YAMLs the run loads under its overrides (dataset settings, size
+    profile): a run recorded under other settings is not taken as already done (the overrides in its id do not say
+    it), while the report still shows it (each record has its commit). Parsed, so a comment edit changes nothing."""
+    import yaml
     from recbole_llm.core.locate import default_config_files
     files = {}
     for path in default_config_files(model, dataset, profile):
-        with open(path, "rb") as f:
-            files[os.path.basename(path)] = hashlib.sha256(f.read()).hexdigest()[:10]
+        with open(path) as f:
+            settings = json.dumps(yaml.safe_load(f), sort_keys=True, default=str)
+        files[os.path.basename(path)] = hashlib.sha256(settings.encode()).hexdigest()[:10]
     return files
 
 

@@ -280,6 +280,10 @@ def test_a_run_recorded_under_another_profile_yaml_is_not_finished(tmp_path, mon
     with open(os.path.join(REPO, "properties", "model", "Laser-cpu.yaml")) as f:
         text = f.read()
     with open("properties/model/Laser-cpu.yaml", "w") as f:
+        f.write(text + "\n# a comment changes no setting\n")
+    (commented,) = quality.plan(args, "cpu")
+    assert quality.is_finished(commented, done)
+    with open("properties/model/Laser-cpu.yaml", "w") as f:
         f.write(text + "\nstage1_epochs: 1\n")
     (after,) = quality.plan(args, "cpu")
     assert after["run_id"] == before["run_id"] and not quality.is_finished(after, done)
