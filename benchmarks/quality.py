@@ -76,13 +76,15 @@ SERALM_NA_CONTROLS = {
     "grounded": ({"knowledge_grounding": "joint"}, "item text encoded with the knowledge"),
     "itemtext": ({"knowledge_source": "item_text"}, "the item's own text instead of LLM knowledge"),
 }
+# the collaborative route of issue 25 (point 3): BERT4Rec's predictive state, its item embeddings, a prefix from 0
+COLLAB_ROUTE = {"sr_user_state": "predictive", "sr_item_state": "embedding", "prefix_init": "zero"}
 LASER_CONTROLS = {
     "lr1e-3": ({"learning_rate": 0.001}, "learning rate 1e-3 (the former CPU profile's)"),
     "centred": ({"score_centering": "item_mean"}, "cosine of embeddings centred by the item-matrix mean"),
     "centred_untrained": ({"score_centering": "item_mean", "epochs": 0}, "centred by the item-matrix mean, not "
                                                                          "whitened, untrained (0 epochs)"),
     "sampled": ({"sampled_negatives": 16}, "16 sampled negatives, items encoded with gradient"),
-    "collab_route": ({"sr_user_state": "predictive", "sr_item_state": "embedding", "prefix_init": "zero"},
+    "collab_route": (dict(COLLAB_ROUTE),
                      "BERT4Rec's predictive state and item embeddings, zero-initialised prefix"),
     "allvalid": ({"valid_users": None}, "validation on every user, not a fixed 1,000"),
     "prefix_zero": ({"prefix_init": "zero"}, "M-Former's output projection zero-initialised (the prefix starts at 0)"),
@@ -122,32 +124,21 @@ LASER_CONTROLS = {
                             "users centred by the mean user embedding, untrained (0 epochs)"),
     "user_mean_no_item_bias": ({"user_centering": "user_mean", "item_bias": False},
                                "users centred by their mean, no item bias (what Bi-Tuning learns on its own)"),
-    "user_mean_bias_only": ({"user_centering": "user_mean", "learning_rate": 1e-12, "prefix_learning_rate": 1e-12},
-                            "users centred by their mean, only the item bias learns"),
     "user_mean_tau": ({"user_centering": "user_mean", "temperature_learning_rate": 0.01},
                       "users centred by their mean, tau learned (rate 0.01 on log 1/tau)"),
-    "user_mean_route_noshared": ({"user_centering": "user_mean", "sr_user_state": "predictive",
-                                  "sr_item_state": "embedding", "prefix_init": "zero", "prefix_learning_rate": 1e-4,
-                                  "remove_shared_user_gradient": True},
+    "user_mean_route_noshared": (dict(COLLAB_ROUTE, user_centering="user_mean", prefix_learning_rate=1e-4,
+                                      remove_shared_user_gradient=True),
                                  "users centred by their mean, the collaborative route with M-Former at 1e-4, and "
                                  "no gradient that moves a batch's users alike"),
-    "user_mean_noshared_lr1e-3": ({"user_centering": "user_mean", "remove_shared_user_gradient": True,
-                                   "learning_rate": 1e-3},
-                                  "users centred by their mean, no gradient that moves a batch's users alike, "
-                                  "suffix at learning rate 1e-3"),
-    "collab_route_plr4_no_item_bias": ({"sr_user_state": "predictive", "sr_item_state": "embedding",
-                                        "prefix_init": "zero", "prefix_learning_rate": 1e-4, "item_bias": False},
+    "collab_route_plr4_no_item_bias": (dict(COLLAB_ROUTE, prefix_learning_rate=1e-4, item_bias=False),
                                        "the collaborative route with M-Former at 1e-4, no item bias (what the "
                                        "M-Former learns without it)"),
-    "sasrec_route_plr4": ({"frozen_sr_model": "SASRec", "sr_user_state": "predictive", "sr_item_state": "embedding",
-                           "prefix_init": "zero", "prefix_learning_rate": 1e-4},
+    "sasrec_route_plr4": (dict(COLLAB_ROUTE, frozen_sr_model="SASRec", prefix_learning_rate=1e-4),
                           "the collaborative route with M-Former at 1e-4, from a frozen SASRec instead of BERT4Rec "
                           "(paper Figure 4)"),
-    "user_mean_route": ({"user_centering": "user_mean", "sr_user_state": "predictive", "sr_item_state": "embedding",
-                         "prefix_init": "zero", "prefix_learning_rate": 1e-4},
+    "user_mean_route": (dict(COLLAB_ROUTE, user_centering="user_mean", prefix_learning_rate=1e-4),
                         "users centred by their mean, and the collaborative route with M-Former at 1e-4"),
-    "collab_route_plr4": ({"sr_user_state": "predictive", "sr_item_state": "embedding", "prefix_init": "zero",
-                           "prefix_learning_rate": 1e-4},
+    "collab_route_plr4": (dict(COLLAB_ROUTE, prefix_learning_rate=1e-4),
                           "BERT4Rec's predictive state and item embeddings, zero-initialised prefix, M-Former at "
                           "learning rate 1e-4"),
 }

@@ -579,10 +579,7 @@ class Laser(SequentialRecommender):
             return
         was_training = self.training
         self.eval()
-        rows = [self.forward(self.center_seq[start:start + self.encode_batch_size],
-                             self.center_len[start:start + self.encode_batch_size])[0]
-                for start in range(0, len(self.center_seq), self.encode_batch_size)]
-        self.user_center = torch.cat(rows).mean(0)
+        self.user_center = self._raw_user_embeddings(self.center_seq, self.center_len).mean(0)
         self.user_center_version = self.param_version
         self.train(was_training)
 
@@ -664,12 +661,16 @@ class Laser(SequentialRecommender):
         iic_loss = F.cross_entropy(logits, pos_items)
         return iic_loss, self.lb_weight * lb_loss
 
-    def _user_embeddings_chunked(self, item_seq, item_seq_len):
+    def _raw_user_embeddings(self, item_seq, item_seq_len):
+        """h_u [B, d_llm] in chunks of encode_batch_size, before centring."""
         rows = []
         for start in range(0, item_seq.size(0), self.encode_batch_size):
             end = start + self.encode_batch_size
             rows.append(self.forward(item_seq[start:end], item_seq_len[start:end])[0])
-        return self.score_vectors(torch.cat(rows), users=True)
+        return torch.cat(rows)
+
+    def _user_embeddings_chunked(self, item_seq, item_seq_len):
+        return self.score_vectors(self._raw_user_embeddings(item_seq, item_seq_len), users=True)
 
     def score_vectors(self, embeddings, users=False):
         """Unit vectors the cosine is taken between: h - mu (the item matrix mean; for ``users`` with user_centering:
@@ -689,10 +690,6 @@ class Laser(SequentialRecommender):
             return self.temperature
         return torch.exp(-self.log_inv_tau.clamp(max=math.log(100.0)))
 
-    def _fixed_tau(self):
-        """tau for scoring (no gradient)."""
-        return self.temperature if self.log_inv_tau is None else self.tau().detach()
-
     def _add_item_bias(self, logits, items=None):
         """Logits plus the bias of the item each entry of their last axis scores (``items``: those item ids, e.g. a
         batch's candidates or each row's positive; None = all items, the last axis is [n_items])."""
@@ -705,7 +702,7 @@ class Laser(SequentialRecommender):
         user = self._user_embeddings_chunked(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
         items = interaction[self.ITEM_ID]
         score = (user * matrix[items]).sum(-1)
-        return score if self.item_bias is None else score + self._fixed_tau() * self.item_bias[items]
+        return score if self.item_bias is None else score + self.tau() * self.item_bias[items]
 
     def full_sort_predict(self, interaction):
         """Cosine of each user with every item of the cached item matrix (plus tau * b_i with ``item_bias``):
@@ -713,7 +710,7 @@ class Laser(SequentialRecommender):
         matrix = self._require_item_matrix()
         user = self._user_embeddings_chunked(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
         scores = user @ matrix.t()
-        return scores if self.item_bias is None else scores + self._fixed_tau() * self.item_bias
+        return scores if self.item_bias is None else scores + self.tau() * self.item_bias
 
 
 def whitening(centred, eps):
