@@ -141,6 +141,13 @@ LASER_CONTROLS = {
     "collab_route_plr4": (dict(COLLAB_ROUTE, prefix_learning_rate=1e-4),
                           "BERT4Rec's predictive state and item embeddings, zero-initialised prefix, M-Former at "
                           "learning rate 1e-4"),
+    # the item bias starts at log(1 + training count): a popularity prior (logit adjustment)
+    "pop_prior": ({"item_bias_init": "log_popularity"}, "the item bias starts at the log training count"),
+    "pop_prior_untrained": ({"item_bias_init": "log_popularity", "epochs": 0},
+                            "the item bias starts at the log training count, untrained (0 epochs)"),
+    "collab_route_plr4_pop_prior": (dict(COLLAB_ROUTE, prefix_learning_rate=1e-4, item_bias_init="log_popularity"),
+                                    "the collaborative route with M-Former at 1e-4, the item bias starting at the "
+                                    "log training count"),
 }
 SERALM_ALIGNED_CONTROLS = {
     "nobaseline": ({"align_baseline": "none"}, "no baseline in the weight"),

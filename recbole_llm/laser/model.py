@@ -31,6 +31,8 @@ Choices where the paper is silent:
   the item matrix, and trains in both stages at ``item_bias_learning_rate``; a cosine of unit vectors made by
   shared weights cannot express how often an item is bought. Not carried over by ``init_checkpoint`` (its
   items are another dataset's).
+  ``item_bias_init: log_popularity`` starts b_i at the log of the item's training count instead (the prior of
+  logit adjustment: the untrained model then ranks as Pop, with the cosine deciding among items of like count).
 - ``temperature_learning_rate`` (not in the paper, whose tau is fixed) learns tau as CLIP learns its logit scale: a
   fixed tau made the softmax of a truncated LLM's cosines worse than uniform, and the first training steps then went
   into flattening the cosines rather than ranking with them.
@@ -91,6 +93,7 @@ NO_MFORMER_PREFIXES = ("learned", "linear")
 POOLINGS = ("suffix", "mean", "eos")
 SCORE_CENTERINGS = ("none", "item_mean", "whiten")
 USER_CENTERINGS = ("item_mean", "user_mean")
+ITEM_BIAS_INITS = ("zero", "log_popularity")
 SR_USER_STATES = ("positions", "predictive")
 SR_ITEM_STATES = ("history", "embedding")
 PREFIX_INITS = ("default", "token_scale", "zero")
@@ -160,6 +163,7 @@ class Laser(SequentialRecommender):
         "no_mformer_prefix": NO_MFORMER_PREFIXES,
         "score_centering": SCORE_CENTERINGS,
         "user_centering": USER_CENTERINGS,
+        "item_bias_init": ITEM_BIAS_INITS,
         "sr_user_state": SR_USER_STATES,
         "sr_item_state": SR_ITEM_STATES,
         "prefix_init": PREFIX_INITS,
@@ -263,8 +267,9 @@ class Laser(SequentialRecommender):
                 start = torch.randn(self.llm_size, device=token_table.device) * token_std
             self.suffix = nn.Parameter(start)
 
-        # per-item logit, zero at the start (so untrained scores are the cosine's); None = the paper's cosine alone
-        self.item_bias = nn.Parameter(torch.zeros(self.n_items)) if config["item_bias"] else None
+        # per-item logit (None = the paper's cosine alone): zero at the start, so untrained scores are the
+        # cosine's, or the log of the item's training count (a popularity prior on the logit scale)
+        self.item_bias = nn.Parameter(self._initial_item_bias(config, dataset)) if config["item_bias"] else None
         # log(1 / tau), learned (CLIP's logit scale) when temperature_learning_rate is set; None = tau fixed (paper)
         self.temperature_learning_rate = config["temperature_learning_rate"]
         self.log_inv_tau = nn.Parameter(torch.tensor(math.log(1.0 / self.temperature))) \
@@ -294,6 +299,18 @@ class Laser(SequentialRecommender):
         self._log_parameter_counts()
 
     # ------------------------------------------------------------------------------------------ building
+    def _initial_item_bias(self, config, dataset):
+        """b_i at the start: zeros, or with ``item_bias_init: log_popularity`` log(1 + n_i) minus its mean over
+        the items, n_i the item's count as a target in ``dataset`` (the training split RecBole builds the model
+        with, so no validation or test interaction is read); padding item 0 stays 0."""
+        bias = torch.zeros(self.n_items)
+        if (config["item_bias_init"] or "zero") == "log_popularity":
+            targets = torch.as_tensor(dataset.inter_feat[self.ITEM_ID]).long()
+            counts = torch.bincount(targets, minlength=self.n_items)[:self.n_items].float()
+            prior = torch.log1p(counts[1:])
+            bias[1:] = prior - prior.mean()
+        return bias
+
     def _build_prefix_module(self, config, token_std):
         collab_size = self.frozen_sr.hidden_size
         if not config["use_mformer"]:

@@ -790,6 +790,23 @@ def test_learned_temperature_starts_at_tau_trains_at_its_own_rate_and_ranks_as_t
     assert float(model.tau()) != pytest.approx(0.05, rel=1e-3)  # kept: the checkpoint had no learned tau
 
 
+def test_log_popularity_item_bias_starts_at_the_training_counts_and_reads_no_held_out_interaction(root):
+    """item_bias_init: log_popularity: b_i = log(1 + n_i) centred over the items, n_i counted over the training
+    targets only; the untrained scores are the cosine plus tau * b_i, so items rank by count where cosines tie."""
+    _, model, train_data, valid_data, _ = H.build(root, item_bias=True, item_bias_init="log_popularity")
+    _, plain, _, _, _ = H.build(root, item_bias=True)
+    train = train_data._dataset
+    counts = torch.bincount(torch.as_tensor(train.inter_feat["item_id"]).long(), minlength=model.n_items).float()
+    prior = torch.log1p(counts[1:model.n_items])
+    assert float(model.item_bias.detach()[0]) == 0.0
+    assert torch.allclose(model.item_bias.detach()[1:], prior - prior.mean(), atol=1e-6)
+    assert float(counts.sum()) == len(train.inter_feat)  # one target per training sequence, none held out
+    interaction = H.first_batch(valid_data)[0]
+    with torch.no_grad():  # same seed, same weights: the prior is the only difference
+        assert torch.allclose(model.eval().full_sort_predict(interaction),
+                              plain.eval().full_sort_predict(interaction) + model.tau() * model.item_bias, atol=1e-5)
+
+
 def test_item_bias_starts_at_zero_trains_at_its_own_rate_and_ranks_as_the_loss(root, tmp_path):
     """item_bias: untrained scores are the cosine's; the loss's logits are cos / tau + b_i and full_sort_predict ranks
     by cos + tau * b_i; b has its own Adam rate, trains, and is saved but not carried to another dataset's run."""
