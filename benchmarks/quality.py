@@ -141,6 +141,10 @@ LASER_CONTROLS = {
     "collab_route_plr4": (dict(COLLAB_ROUTE, prefix_learning_rate=1e-4),
                           "BERT4Rec's predictive state and item embeddings, zero-initialised prefix, M-Former at "
                           "learning rate 1e-4"),
+    "collab_route_plr3e-5": (dict(COLLAB_ROUTE, prefix_learning_rate=3e-5),
+                             "the collaborative route with M-Former at 3e-5 (between the profile's 1e-6 and 1e-4)"),
+    "collab_route_plr4_bias_lr1": (dict(COLLAB_ROUTE, prefix_learning_rate=1e-4, item_bias_learning_rate=0.1),
+                                   "the collaborative route with M-Former at 1e-4, the item bias at rate 0.1"),
     # the item bias starts at log(1 + training count): a popularity prior (logit adjustment)
     "pop_prior": ({"item_bias_init": "log_popularity"}, "the item bias starts at the log training count"),
     "pop_prior_untrained": ({"item_bias_init": "log_popularity", "epochs": 0},
