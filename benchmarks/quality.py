@@ -145,6 +145,8 @@ LASER_CONTROLS = {
                              "the collaborative route with M-Former at 3e-5 (between the profile's 1e-6 and 1e-4)"),
     "collab_route_plr4_bias_lr1": (dict(COLLAB_ROUTE, prefix_learning_rate=1e-4, item_bias_learning_rate=0.1),
                                    "the collaborative route with M-Former at 1e-4, the item bias at rate 0.1"),
+    "collab_route_plr4_x4": (dict(COLLAB_ROUTE, prefix_learning_rate=1e-4, train_samples_per_epoch=8192),
+                             "the collaborative route with M-Former at 1e-4, 4x the training samples per epoch"),
     # the item bias starts at log(1 + training count): a popularity prior (logit adjustment)
     "pop_prior": ({"item_bias_init": "log_popularity"}, "the item bias starts at the log training count"),
     "pop_prior_untrained": ({"item_bias_init": "log_popularity", "epochs": 0},
