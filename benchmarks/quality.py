@@ -147,6 +147,9 @@ LASER_CONTROLS = {
                                    "the collaborative route with M-Former at 1e-4, the item bias at rate 0.1"),
     "collab_route_plr4_x4": (dict(COLLAB_ROUTE, prefix_learning_rate=1e-4, train_samples_per_epoch=8192),
                              "the collaborative route with M-Former at 1e-4, 4x the training samples per epoch"),
+    "collab_route_plr4_default_init": (dict(COLLAB_ROUTE, prefix_learning_rate=1e-4, prefix_init="default"),
+                                       "the collaborative route with M-Former at 1e-4, its prefix from PyTorch's "
+                                       "default init (random, as the profile) instead of 0"),
     # the item bias starts at log(1 + training count): a popularity prior (logit adjustment)
     "pop_prior": ({"item_bias_init": "log_popularity"}, "the item bias starts at the log training count"),
     "pop_prior_untrained": ({"item_bias_init": "log_popularity", "epochs": 0},
