@@ -154,6 +154,10 @@ LASER_CONTROLS = {
     "pop_prior": ({"item_bias_init": "log_popularity"}, "the item bias starts at the log training count"),
     "pop_prior_untrained": ({"item_bias_init": "log_popularity", "epochs": 0},
                             "the item bias starts at the log training count, untrained (0 epochs)"),
+    "collab_route_plr4_pop_prior_tau": (dict(COLLAB_ROUTE, prefix_learning_rate=1e-4,
+                                             item_bias_init="log_popularity", temperature_learning_rate=0.01),
+                                        "the collaborative route with M-Former at 1e-4, the item bias starting at the "
+                                        "log training count, tau learned (rate 0.01 on log 1/tau)"),
     "user_mean_pop_prior_untrained": ({"user_centering": "user_mean", "item_bias_init": "log_popularity",
                                        "epochs": 0},
                                       "users centred by their mean, the item bias at the log training count, "
