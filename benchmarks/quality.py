@@ -158,6 +158,13 @@ LASER_CONTROLS = {
                                              item_bias_init="log_popularity", temperature_learning_rate=0.01),
                                         "the collaborative route with M-Former at 1e-4, the item bias starting at the "
                                         "log training count, tau learned (rate 0.01 on log 1/tau)"),
+    # the same 5 epochs of samples, 1 in stage 1 (items refreshed, shared suffix) and 4 in stage 2 (items fixed)
+    "stage2_heavy": ({"stage1_epochs": 1, "stage2_epochs": 4},
+                     "1 epoch in stage 1 and 4 in stage 2 (the profile: 4 and 1)"),
+    "collab_route_plr4_stage2_heavy": (dict(COLLAB_ROUTE, prefix_learning_rate=1e-4, stage1_epochs=1,
+                                            stage2_epochs=4),
+                                       "the collaborative route with M-Former at 1e-4, 1 epoch in stage 1 and 4 "
+                                       "in stage 2"),
     "user_mean_pop_prior_untrained": ({"user_centering": "user_mean", "item_bias_init": "log_popularity",
                                        "epochs": 0},
                                       "users centred by their mean, the item bias at the log training count, "
