@@ -154,6 +154,10 @@ LASER_CONTROLS = {
     "pop_prior": ({"item_bias_init": "log_popularity"}, "the item bias starts at the log training count"),
     "pop_prior_untrained": ({"item_bias_init": "log_popularity", "epochs": 0},
                             "the item bias starts at the log training count, untrained (0 epochs)"),
+    "collab_route_plr4_pop_prior_x4": (dict(COLLAB_ROUTE, prefix_learning_rate=1e-4,
+                                            item_bias_init="log_popularity", train_samples_per_epoch=8192),
+                                       "the collaborative route with M-Former at 1e-4, the item bias starting at the "
+                                       "log training count, 4x the training samples per epoch"),
     "collab_route_plr4_pop_prior_tau": (dict(COLLAB_ROUTE, prefix_learning_rate=1e-4,
                                              item_bias_init="log_popularity", temperature_learning_rate=0.01),
                                         "the collaborative route with M-Former at 1e-4, the item bias starting at the "
