@@ -44,6 +44,8 @@ class LaserTrainer(SafeCheckpointMixin, Trainer):
         self.eval_step = max(1, min(config["eval_step"], self.epochs))
         self.samples_per_epoch = config["train_samples_per_epoch"]
         self._stage1_best = None  # (state_dict, other_parameter) of the best stage-1 epoch
+        self._stage1_best_epoch = -1  # that epoch's index
+        self._weights_epoch = None  # while saving stage 2's first checkpoint: the epoch its weights come from
 
     def _build_optimizer(self, **kwargs):
         # Only the prefix/suffix/M-Former are trained; the frozen LLM and SR never reach the optimizer.
@@ -54,6 +56,9 @@ class LaserTrainer(SafeCheckpointMixin, Trainer):
     def _checkpoint_state(self, epoch):
         state = super()._checkpoint_state(epoch)
         state["laser_stage"] = int(self.model.training_stage)
+        # the epoch whose weights these are (what a report calls the best epoch); ``epoch`` is where a resume
+        # continues, and stage 2's first checkpoint holds the best stage-1 epoch's weights under stage 1's last
+        state["best_epoch"] = epoch if self._weights_epoch is None else self._weights_epoch
         return state
 
     # ------------------------------------------------------------------------------------------- epochs
@@ -120,7 +125,11 @@ class LaserTrainer(SafeCheckpointMixin, Trainer):
             # only if it validates better, and a resume from it continues in stage 2. The file already holds these
             # weights (saved when they validated best), so the stage-2 line below names this save instead of a
             # second "Saving current" of the same path.
-            self._save_checkpoint(self.stage1_epochs - 1, verbose=False)
+            self._weights_epoch = self._stage1_best_epoch
+            try:
+                self._save_checkpoint(self.stage1_epochs - 1, verbose=False)
+            finally:
+                self._weights_epoch = None
         if verbose:
             origin = ""
             if self._stage1_best is not None:
@@ -132,13 +141,15 @@ class LaserTrainer(SafeCheckpointMixin, Trainer):
         checkpoint_stage = int(self.model.training_stage)
         if checkpoint_stage == 1:
             self._stage1_best = self._snapshot()  # the checkpoint is the best stage-1 epoch so far
+            self._stage1_best_epoch = self.start_epoch - 1
         self.logger.info(f"Laser resumes in stage {checkpoint_stage} at epoch {self.start_epoch}")
 
     def _resume_extra(self):
-        return {"stage1_best": self._stage1_best}
+        return {"stage1_best": self._stage1_best, "stage1_best_epoch": self._stage1_best_epoch}
 
     def _load_resume_extra(self, extra):
         self._stage1_best = (extra or {}).get("stage1_best")
+        self._stage1_best_epoch = (extra or {}).get("stage1_best_epoch", -1)
 
     def _zero_shot(self, valid_data, verbose, saved, show_progress):
         """No training: the loaded weights' item matrix, one validation, that model saved as the best."""
@@ -193,7 +204,7 @@ class LaserTrainer(SafeCheckpointMixin, Trainer):
                 if saved:
                     self._save_checkpoint(epoch_idx, verbose=verbose)
                 if self.model.training_stage == 1:
-                    self._stage1_best = self._snapshot()
+                    self._stage1_best, self._stage1_best_epoch = self._snapshot(), epoch_idx
                 continue
             if (epoch_idx + 1) % self.eval_step and epoch_idx + 1 != self.stage1_epochs:
                 continue
@@ -215,7 +226,7 @@ class LaserTrainer(SafeCheckpointMixin, Trainer):
                 if saved:
                     self._save_checkpoint(epoch_idx, verbose=verbose)
                 if self.model.training_stage == 1:
-                    self._stage1_best = self._snapshot()
+                    self._stage1_best, self._stage1_best_epoch = self._snapshot(), epoch_idx
                 self.best_valid_result = valid_result
                 best_result = valid_result
             if callback_fn:

@@ -171,7 +171,9 @@ def training_extent(trainer, saved):
     extent = {"epochs_run": len(getattr(trainer, "train_loss_dict", {}) or {})}
     path = getattr(trainer, "saved_model_file", None)
     if saved and path and os.path.isfile(path):
-        extent["best_epoch"] = int(load_checkpoint(path, map_location="cpu").get("epoch", -1))
+        checkpoint = load_checkpoint(path, map_location="cpu")
+        # a trainer may save weights under a later epoch than theirs (Laser's stage 2 start): it says which
+        extent["best_epoch"] = int(checkpoint.get("best_epoch", checkpoint.get("epoch", -1)))
     return extent
 
 

@@ -542,6 +542,28 @@ def test_stage2_never_ends_worse_than_the_best_stage1_state(root, caplog):
     assert checkpoint["epoch"] == 0 and checkpoint["laser_stage"] == 2 and checkpoint["best_valid_score"] == 0.5
 
 
+def test_a_run_reports_the_epoch_its_saved_weights_come_from(root):
+    """Stage 2 starts from the best stage-1 state and saves it under stage 1's last epoch (where a resume goes on);
+    the run's best_epoch is still the epoch those weights come from."""
+    from recbole_llm.laser.trainer import LaserTrainer
+    from recbole_llm.run.quick_start import training_extent
+
+    config, model, train_data, valid_data, _ = H.build(root, stage1_epochs=2, stage2_epochs=1)
+    trainer = LaserTrainer(config, model)
+    real_valid = trainer._valid_epoch
+    scores = iter([0.5, 0.1, 0.2])  # epoch 0 validates best; stage 1's epoch 1 and stage 2's epoch 2 worse
+
+    def scripted(valid, show_progress=False):
+        _, result = real_valid(valid, show_progress=show_progress)
+        return next(scores), result
+
+    trainer._valid_epoch = scripted
+    trainer.fit(train_data, valid_data, saved=True)
+    checkpoint = torch.load(trainer.saved_model_file, weights_only=True)
+    assert checkpoint["epoch"] == 1 and checkpoint["laser_stage"] == 2 and checkpoint["best_epoch"] == 0
+    assert training_extent(trainer, saved=True) == {"epochs_run": 3, "best_epoch": 0}
+
+
 # ------------------------------------------------------------------------------------- paper choices
 def test_suffix_starts_random_as_the_paper_says_or_from_eos_on_request(root, built):
     from recbole_llm.llm.loader import input_embeddings
