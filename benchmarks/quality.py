@@ -158,6 +158,11 @@ LASER_CONTROLS = {
                                             item_bias_init="log_popularity", train_samples_per_epoch=8192),
                                        "the collaborative route with M-Former at 1e-4, the item bias starting at the "
                                        "log training count, 4x the training samples per epoch"),
+    "collab_route_plr4_default_init_pop_prior": (dict(COLLAB_ROUTE, prefix_learning_rate=1e-4, prefix_init="default",
+                                                      item_bias_init="log_popularity"),
+                                                 "the collaborative route with M-Former at 1e-4 and its default "
+                                                 "(random) prefix init, the item bias starting at the log training "
+                                                 "count"),
     "collab_route_plr4_pop_prior_tau": (dict(COLLAB_ROUTE, prefix_learning_rate=1e-4,
                                              item_bias_init="log_popularity", temperature_learning_rate=0.01),
                                         "the collaborative route with M-Former at 1e-4, the item bias starting at the "
