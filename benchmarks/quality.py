@@ -163,6 +163,10 @@ LASER_CONTROLS = {
                                                  "the collaborative route with M-Former at 1e-4 and its default "
                                                  "(random) prefix init, the item bias starting at the log training "
                                                  "count"),
+    "collab_route_default_init_pop_prior_untrained": (dict(COLLAB_ROUTE, prefix_init="default",
+                                                           item_bias_init="log_popularity", epochs=0),
+                                                      "the collaborative route's inputs, default prefix init, the "
+                                                      "item bias at the log training count, untrained (0 epochs)"),
     "collab_route_plr4_pop_prior_tau": (dict(COLLAB_ROUTE, prefix_learning_rate=1e-4,
                                              item_bias_init="log_popularity", temperature_learning_rate=0.01),
                                         "the collaborative route with M-Former at 1e-4, the item bias starting at the "
