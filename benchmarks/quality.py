@@ -184,10 +184,6 @@ LASER_CONTROLS = {
                                       "untrained (0 epochs)"),
     "user_mean_pop_prior": ({"user_centering": "user_mean", "item_bias_init": "log_popularity"},
                             "users centred by their mean, the item bias starting at the log training count"),
-    "user_mean_route_pop_prior": (dict(COLLAB_ROUTE, user_centering="user_mean", prefix_learning_rate=1e-4,
-                                       item_bias_init="log_popularity"),
-                                  "users centred by their mean, the collaborative route with M-Former at 1e-4, the "
-                                  "item bias starting at the log training count"),
     "collab_route_plr4_pop_prior": (dict(COLLAB_ROUTE, prefix_learning_rate=1e-4, item_bias_init="log_popularity"),
                                     "the collaborative route with M-Former at 1e-4, the item bias starting at the "
                                     "log training count"),
