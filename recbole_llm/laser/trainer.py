@@ -149,6 +149,7 @@ class LaserTrainer(SafeCheckpointMixin, Trainer):
 
     def _load_resume_extra(self, extra):
         self._stage1_best = (extra or {}).get("stage1_best")
+        # a resume file written before best epochs were kept has none: -1 (unknown) is what a report then shows
         self._stage1_best_epoch = (extra or {}).get("stage1_best_epoch", -1)
 
     def _zero_shot(self, valid_data, verbose, saved, show_progress):
