@@ -173,11 +173,16 @@ class SafeCheckpointMixin:
             "data_digest": data_files_digest(self.config),  # recommend refuses a checkpoint whose data changed
         }
 
-    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+    def _save_checkpoint(self, epoch, verbose=True, weights_epoch=None, **kwargs):
+        """``epoch`` is where a resume continues; ``weights_epoch`` the epoch the weights come from when a trainer
+        saves them later than that epoch (Laser's stage 2 starts from its best stage-1 epoch), kept as
+        ``best_epoch`` for reports."""
         if not self.config["single_spec"] and self.config["local_rank"] != 0:
             return
         saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
-        atomic_torch_save(self._checkpoint_state(epoch), saved_model_file)
+        state = self._checkpoint_state(epoch)
+        state["best_epoch"] = epoch if weights_epoch is None else weights_epoch
+        atomic_torch_save(state, saved_model_file)
         if verbose:
             self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
 

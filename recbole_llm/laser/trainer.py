@@ -45,7 +45,6 @@ class LaserTrainer(SafeCheckpointMixin, Trainer):
         self.samples_per_epoch = config["train_samples_per_epoch"]
         self._stage1_best = None  # (state_dict, other_parameter) of the best stage-1 epoch
         self._stage1_best_epoch = -1  # that epoch's index
-        self._weights_epoch = None  # while saving stage 2's first checkpoint: the epoch its weights come from
 
     def _build_optimizer(self, **kwargs):
         # Only the prefix/suffix/M-Former are trained; the frozen LLM and SR never reach the optimizer.
@@ -56,9 +55,6 @@ class LaserTrainer(SafeCheckpointMixin, Trainer):
     def _checkpoint_state(self, epoch):
         state = super()._checkpoint_state(epoch)
         state["laser_stage"] = int(self.model.training_stage)
-        # the epoch whose weights these are (what a report calls the best epoch); ``epoch`` is where a resume
-        # continues, and stage 2's first checkpoint holds the best stage-1 epoch's weights under stage 1's last
-        state["best_epoch"] = epoch if self._weights_epoch is None else self._weights_epoch
         return state
 
     # ------------------------------------------------------------------------------------------- epochs
@@ -125,11 +121,7 @@ class LaserTrainer(SafeCheckpointMixin, Trainer):
             # only if it validates better, and a resume from it continues in stage 2. The file already holds these
             # weights (saved when they validated best), so the stage-2 line below names this save instead of a
             # second "Saving current" of the same path.
-            self._weights_epoch = self._stage1_best_epoch
-            try:
-                self._save_checkpoint(self.stage1_epochs - 1, verbose=False)
-            finally:
-                self._weights_epoch = None
+            self._save_checkpoint(self.stage1_epochs - 1, verbose=False, weights_epoch=self._stage1_best_epoch)
         if verbose:
             origin = ""
             if self._stage1_best is not None:

@@ -172,7 +172,7 @@ def training_extent(trainer, saved):
     path = getattr(trainer, "saved_model_file", None)
     if saved and path and os.path.isfile(path):
         checkpoint = load_checkpoint(path, map_location="cpu")
-        # a trainer may save weights under a later epoch than theirs (Laser's stage 2 start): it says which
+        # best_epoch: the epoch the weights come from (SafeCheckpointMixin); a checkpoint without it, its epoch
         extent["best_epoch"] = int(checkpoint.get("best_epoch", checkpoint.get("epoch", -1)))
     return extent
 
