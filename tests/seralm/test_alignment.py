@@ -329,6 +329,36 @@ def test_base_warm_start_starts_the_variant_at_the_trained_base(tmp_path, shared
         AlignmentTrainer(split, tiny_model(split, train)).fit(train, valid, saved=False)
 
 
+@pytest.mark.parametrize("epoch_scores, kept", [((0.4,), -1), ((0.6,), 0)])
+def test_a_warm_start_is_validated_first_and_kept_unless_an_epoch_beats_it(tmp_path, shared_knowledge, epoch_scores,
+                                                                          kept):
+    """base_warm_start: the trained base is validated before the first epoch and saved as the best (epoch -1); an
+    epoch replaces it only by validating better, so evaluate() then scores the base's own weights."""
+    from recbole_llm.seralm.alignment.trainer import AlignmentTrainer, load_frozen_base
+
+    config = tiny_config("SASRecSeRALM", tmp_path, knowledge_cache_dir=shared_knowledge, alignment=False,
+                         base_warm_start=True, frozen_base_cache_dir=str(tmp_path / "frozen"), epochs=1)
+    dataset, train, valid, test = tiny_data(config)
+    model = tiny_model(config, train)
+    trainer = AlignmentTrainer(config, model)
+    scores = iter((0.5,) + epoch_scores)  # the warm start validates at 0.5, then each epoch as given
+    trainer._valid_epoch = lambda *a, **k: (lambda s: (s, {"ndcg@10": s}))(next(scores))
+
+    def perturb(*args, **kwargs):  # an epoch that moves the weights, so the kept ones can be told apart
+        with torch.no_grad():
+            model.item_embedding.id_embedding.weight.add_(1.0)
+        return 0.0
+    trainer._train_epoch = perturb
+    best, _ = trainer.fit(train, valid, saved=True)
+    checkpoint = torch.load(trainer.saved_model_file, weights_only=False)
+    assert checkpoint["best_epoch"] == kept and best == max((0.5,) + epoch_scores)
+    trainer.evaluate(test, load_best_model=True)
+    base = load_frozen_base(config, dataset)
+    model.eval()
+    batch = next(iter(test))[0]
+    assert torch.equal(model.full_sort_predict(batch), base.full_sort_predict(batch)) == (kept == -1)
+
+
 def test_joint_grounding_encodes_the_item_text_with_its_knowledge(tmp_path, shared_knowledge, monkeypatch):
     from recbole_llm.seralm import knowledge as K
 

@@ -190,10 +190,13 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         self._write_alignment_state = saved and self._is_main_rank()
         fresh = self.start_epoch == 0 and self._alignment_resume is None and not self.aligned
-        if self.config["base_warm_start"] and fresh:
+        warm = self.config["base_warm_start"] and fresh
+        if warm:
             self.warm_start_from_base(train_data._dataset)
         if self.alignment and not self.aligned:
             self.align(train_data, show_progress=show_progress)
+        if warm and valid_data is not None:
+            self.validate_start(valid_data, verbose=verbose, saved=saved, show_progress=show_progress)
         result = super().fit(train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress,
                              callback_fn=callback_fn)
         if self._write_alignment_state:
@@ -220,6 +223,18 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
                               f"{self.config['model']} (missing {missing}, unexpected {result.unexpected_keys}).")
         self.logger.info(set_color("SeRALM", "green") + f": started from the trained {base_model_name(self.config)} "
                          "(base_warm_start); the knowledge fusion starts at [I ; 0]")
+
+    def validate_start(self, valid_data, verbose=True, saved=True, show_progress=False):
+        """A warm-started model is validated before its first epoch and saved as the best so far (epoch -1):
+        early stopping then keeps it unless an epoch validates better, so the variant cannot end below, on
+        validation, the trained base it starts from (RecBole's loop validates only after training). With
+        alignment, the model validated is the one phases A-C leave."""
+        self.best_valid_score, self.best_valid_result = self._valid_epoch(valid_data, show_progress=show_progress)
+        if verbose:
+            self.logger.info(set_color("SeRALM", "green") + f": the warm start validates at {self.best_valid_score:f}"
+                             " (the score an epoch must beat)")
+        if saved:
+            self._save_checkpoint(-1, verbose=verbose)
 
     def align(self, train_data, show_progress=False):
         """Phases A (warm-up), B (Algorithm 1) and C (regenerate + re-encode all knowledge)."""
