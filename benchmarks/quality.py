@@ -178,6 +178,13 @@ LASER_CONTROLS = {
                                             stage2_epochs=4),
                                        "the collaborative route with M-Former at 1e-4, 1 epoch in stage 1 and 4 "
                                        "in stage 2"),
+    # stage 1's re-encoding of the items removed, nothing else: all 5 epochs train the user side against the
+    # item matrix of the initial weights (the item side frozen with it, as stage 2 does)
+    "collab_route_plr4_default_init_items_fixed": (dict(COLLAB_ROUTE, prefix_learning_rate=1e-4,
+                                                        prefix_init="default", stage1_epochs=0, stage2_epochs=5),
+                                                   "the collaborative route with M-Former at 1e-4 from the default "
+                                                   "start, the items fixed at the initial weights' matrix for all "
+                                                   "5 epochs (no stage-1 re-encoding)"),
     "user_mean_pop_prior_untrained": ({"user_centering": "user_mean", "item_bias_init": "log_popularity",
                                        "epochs": 0},
                                       "users centred by their mean, the item bias at the log training count, "
