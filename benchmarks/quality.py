@@ -73,6 +73,9 @@ class Variant:
 SERALM_NA_CONTROLS = {
     "split": ({"knowledge_concat": "split"}, "the ID embedding halved to make room (the former default)"),
     "warm": ({"base_warm_start": True}, "started from the trained base"),
+    # one switch from "warm": the rate it trains on from there
+    "warm_lr5e-4": ({"base_warm_start": True, "warm_start_learning_rate": 0.0005},
+                    "started from the trained base, trained on at 5e-4 (a quarter of the rate)"),
     "grounded": ({"knowledge_grounding": "joint"}, "item text encoded with the knowledge"),
     "itemtext": ({"knowledge_source": "item_text"}, "the item's own text instead of LLM knowledge"),
 }

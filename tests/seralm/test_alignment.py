@@ -323,6 +323,10 @@ def test_base_warm_start_starts_the_variant_at_the_trained_base(tmp_path, shared
     model.eval()
     batch = next(iter(test))[0]
     assert torch.equal(model.full_sort_predict(batch), base.full_sort_predict(batch))
+    assert {g["lr"] for g in trainer.optimizer.param_groups} == {config["learning_rate"]}
+    slower = tiny_config("SASRecSeRALM", tmp_path, knowledge_cache_dir=shared_knowledge, alignment=False,
+                         base_warm_start=True, warm_start_learning_rate=1e-5)
+    assert {g["lr"] for g in AlignmentTrainer(slower, model).optimizer.param_groups} == {1e-5}
     split = tiny_config("SASRecSeRALM", tmp_path, knowledge_cache_dir=shared_knowledge, alignment=False,
                         base_warm_start=True, knowledge_concat="split")
     with pytest.raises(ConfigError, match="knowledge_concat: project"):
