@@ -354,7 +354,7 @@ def test_a_warm_start_is_validated_first_and_kept_unless_an_epoch_beats_it(tmp_p
         return 0.0
     trainer._train_epoch = perturb
     best, _ = trainer.fit(train, valid, saved=True)
-    checkpoint = torch.load(trainer.saved_model_file, weights_only=False)
+    checkpoint = torch.load(trainer.saved_model_file, weights_only=True)
     assert checkpoint["best_epoch"] == kept and best == max((0.5,) + epoch_scores)
     trainer.evaluate(test, load_best_model=True)
     base = load_frozen_base(config, dataset)

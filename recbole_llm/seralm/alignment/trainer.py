@@ -185,10 +185,14 @@ class AlignmentTrainer(SafeCheckpointMixin, Trainer):
         self._alignment_resume = None  # the loaded state of an interrupted alignment
         self._last_snapshot = None  # (lora, rec_state) last sent to the generator
         self._loader_start = None  # train loader state at the start of phase B
-        warm_rate = config_get(config, "warm_start_learning_rate")
-        if config["base_warm_start"] and warm_rate is not None:
-            # a converged model trained on at the base's own rate from a fresh Adam state falls in its first epoch
-            self.optimizer = self._build_optimizer(learning_rate=float(warm_rate))
+
+    def _build_optimizer(self, **kwargs):
+        # warm_start_learning_rate: a converged model trained on at the base's own rate from a fresh Adam state
+        # falls in its first epoch
+        warm_rate = config_get(self.config, "warm_start_learning_rate")
+        if self.config["base_warm_start"] and warm_rate is not None:
+            kwargs.setdefault("learning_rate", float(warm_rate))
+        return super()._build_optimizer(**kwargs)
 
     # ----------------------------------------------------------------------------------- fit
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
